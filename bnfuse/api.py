@@ -1,0 +1,365 @@
+"""The Python API: :func:`fuse` and :func:`benchmark`.
+
+Pipeline: load -> fuse (plan + apply) -> validate (bisect / roll back on failure)
+-> bench (optional) -> write atomically -> :class:`~bnfuse.result.FuseResult`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnfuse import __version__
+from bnfuse.backend import Backend, FuseOptions, PassResult
+from bnfuse.errors import (
+    MissingDependencyError,
+    ModelLoadError,
+    UsageError,
+    ValidationError,
+)
+from bnfuse.result import BenchResult, Fold, FuseResult, Validation
+
+__all__ = ["Progress", "benchmark", "fuse", "get_backend"]
+
+ONNX_SUFFIXES = (".onnx",)
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+#: ``progress(description, completed, total)``; total None means indeterminate.
+Progress = Callable[[str, float, float | None], None]
+
+
+def _load_backend(name: str) -> Backend:
+    if name == "onnx":
+        from bnfuse.onnx.backend import OnnxBackend
+
+        return OnnxBackend()
+    try:
+        mod = importlib.import_module("bnfuse.keras.backend")
+    except ModuleNotFoundError as exc:  # tensorflow / keras missing
+        missing = (exc.name or "tensorflow").split(".")[0]
+        if missing in ("tensorflow", "keras", "tf2onnx", "h5py"):
+            raise MissingDependencyError(missing, "keras") from None
+        raise
+    backend: Backend = mod.KerasBackend()
+    return backend
+
+
+def get_backend(model: Any) -> tuple[Backend, Path | None]:
+    """The backend for a path or model object, and the path (None for objects)."""
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        suffix = path.suffix.lower()
+        if suffix in ONNX_SUFFIXES:
+            return _load_backend("onnx"), path
+        if suffix in KERAS_SUFFIXES:
+            return _load_backend("keras"), path
+        raise ModelLoadError(
+            f"{path}: unknown model format {suffix or '(no extension)'!r}; "
+            "expected .onnx, .keras or .h5"
+        )
+    cls = type(model)
+    if cls.__module__.startswith("onnx") and cls.__name__ == "ModelProto":
+        return _load_backend("onnx"), None
+    if any(c.__module__.startswith("keras") for c in cls.__mro__):
+        return _load_backend("keras"), None
+    raise UsageError(
+        f"cannot fuse a {cls.__name__}: pass a path, an onnx.ModelProto or a keras.Model"
+    )
+
+
+def _check_output_path(src: Path | None, output: Path, backend: Backend) -> None:
+    if src is not None and output.resolve() == src.resolve():
+        raise UsageError(f"{output}: output would overwrite the input model; choose another path")
+    if not output.parent.exists():
+        raise UsageError(f"{output}: output directory {output.parent} does not exist")
+    if output.is_dir():
+        raise UsageError(f"{output}: is a directory")
+
+
+@dataclass
+class _Ctx:
+    backend: Backend
+    original: Any
+    options: FuseOptions
+    feeds: list[dict[str, np.ndarray]]
+    rtol: float | None
+    atol: float | None
+    input_source: str
+
+    def fused(self, exclude: frozenset[str]) -> PassResult:
+        return self.backend.fuse(
+            self.original,
+            FuseOptions(
+                skip_rules=self.options.skip_rules,
+                exclude=self.options.exclude | exclude,
+                treat_initializer_inputs_as_constants=self.options.treat_initializer_inputs_as_constants,
+                forward=self.options.forward,
+            ),
+        )
+
+    def validate(self, model: Any) -> Validation:
+        from bnfuse import validate as _validate
+
+        return _validate.compare(
+            self.backend.runner(self.original),
+            self.backend.runner(model),
+            self.feeds,
+            rtol=self.rtol,
+            atol=self.atol,
+            input_source=self.input_source,
+        )
+
+    def passes_with(self, folds: Sequence[Fold]) -> bool:
+        """Does the model with exactly these folds (the rest excluded) validate?"""
+        keep = {f.bn for f in folds}
+        all_bns = {f.bn for f in self._all}
+        res = self.fused(frozenset(all_bns - keep))
+        return self.validate(res.model).passed
+
+    _all: tuple[Fold, ...] = ()
+
+
+def bisect_culprits(
+    folds: Sequence[Fold], passes_with: Callable[[Sequence[Fold]], bool], limit: int = 16
+) -> list[Fold]:
+    """Folds responsible for a validation failure.
+
+    Repeatedly finds the shortest prefix of ``folds`` (minus culprits found so far) that
+    fails; its last fold is a culprit. Each culprit costs O(log n) validations.
+    """
+    culprits: list[Fold] = []
+    remaining = list(folds)
+    while remaining and len(culprits) < limit:
+        if passes_with(remaining):
+            break
+        lo, hi = 1, len(remaining)  # the prefix of length hi fails
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if passes_with(remaining[:mid]):
+                lo = mid + 1
+            else:
+                hi = mid
+        culprit = remaining[hi - 1]
+        culprits.append(culprit)
+        remaining.remove(culprit)
+    return culprits
+
+
+def fuse(
+    model: Any,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    validate: bool = True,
+    samples: int = 8,
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    rollback: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    skip: Sequence[str] = (),
+    forward: bool = True,
+    treat_initializer_inputs_as_constants: bool = False,
+    unsafe_load: bool = False,
+    bench: bool = False,
+    batches: Sequence[int] = (1,),
+    threads: int = 1,
+    bench_seconds: float = 10.0,
+    progress: Progress | None = None,
+) -> FuseResult:
+    """Fold every BatchNormalization of ``model`` into a neighbouring linear layer.
+
+    Args:
+        model: a path (``.onnx``, ``.keras``, ``.h5``), an ``onnx.ModelProto`` or a
+            ``keras.Model``. It is never modified.
+        output: where to write the fused model (written atomically, only after
+            validation passed unless ``force``). For a Keras model, a ``.onnx`` output
+            exports through Keras's own exporter and folds the export too.
+        validate: compare original and fused outputs (onnxruntime with graph
+            optimizations disabled, or Keras ``model(x, training=False)``).
+        samples, seed: random validation inputs (ignored for dims given by ``inputs``).
+        rtol, atol: tolerance; ``None`` picks defaults suited to the output dtype.
+        inputs: real validation data, an ``.npz`` path or a name->array mapping.
+        input_shapes: concrete shapes for inputs with symbolic dims.
+        rollback: on validation failure, undo the responsible folds and keep the rest.
+        force: write the model even when validation failed.
+        dry_run: plan and report only; write nothing.
+        skip: rule names to disable.
+        forward: allow folding a BN forward into the layer after it.
+        treat_initializer_inputs_as_constants: ONNX initializers also listed as graph
+            inputs count as constants (they are overridable otherwise, so refused).
+        unsafe_load: allow Keras models with ``Lambda`` layers (runs their code).
+        bench: measure latency before/after (see :func:`benchmark`).
+        batches, threads, bench_seconds: benchmark settings.
+        progress: callback ``(description, completed, total)``.
+
+    Returns:
+        A :class:`~bnfuse.result.FuseResult`.
+
+    Raises:
+        ValidationError: validation failed and neither ``rollback`` nor ``force`` was
+            given; ``err.result`` holds the report. Nothing was written.
+        ModelLoadError, UnsupportedModelError, MissingDependencyError, UsageError.
+    """
+    backend, src = get_backend(model)
+    out_path = Path(output) if output is not None else None
+    if out_path is not None and not dry_run:
+        _check_output_path(src, out_path, backend)
+    unknown = sorted(set(skip) - set(backend.rule_names()))
+    if unknown:
+        raise UsageError(
+            f"unknown rule(s) {', '.join(unknown)}; rules: {', '.join(backend.rule_names())}"
+        )
+    if samples < 1:
+        raise UsageError("--samples must be at least 1")
+
+    _report(progress, "loading model", 0, None)
+    original = backend.load(src, unsafe_load=unsafe_load) if src else backend.accept(model)
+    before = backend.stats(original, src)
+    options = FuseOptions(
+        skip_rules=frozenset(skip),
+        treat_initializer_inputs_as_constants=treat_initializer_inputs_as_constants,
+        forward=forward,
+    )
+    _report(progress, "folding", 0, None)
+    passed = backend.fuse(original, options)
+    warnings = list(passed.warnings)
+
+    validation: Validation | None = None
+    if validate and passed.folds:
+        from bnfuse import inputs as _inputs
+
+        runner = backend.runner(original)
+        if inputs is not None:
+            feeds = _inputs.load_feeds(inputs, runner.inputs)
+            source = str(inputs) if not isinstance(inputs, Mapping) else "user arrays"
+        else:
+            feeds = _inputs.random_feeds(runner.inputs, samples, seed, input_shapes or {})
+            source = f"random (seed {seed}, {samples} samples)"
+        ctx = _Ctx(backend, original, options, feeds, rtol, atol, source)
+        ctx._all = tuple(passed.folds)
+        _report(progress, "validating", 0, None)
+        validation = ctx.validate(passed.model)
+        if not validation.passed:
+            _report(progress, "bisecting folds", 0, None)
+            culprits = bisect_culprits(passed.folds, ctx.passes_with)
+            names = tuple(f.bn for f in culprits)
+            validation = _replace(validation, culprits=names)
+            if rollback and names:
+                passed = ctx.fused(frozenset(names))
+                revalidated = ctx.validate(passed.model)
+                validation = _replace(revalidated, culprits=names, rolled_back=names)
+                warnings.append(f"rolled back {len(names)} fold(s): {', '.join(names)}")
+
+    after = backend.stats(passed.model)
+    result = FuseResult(
+        backend=backend.name,  # type: ignore[arg-type]
+        source=str(src) if src else type(model).__name__,
+        folds=tuple(passed.folds),
+        refusals=tuple(passed.refusals),
+        before=before,
+        after=after,
+        model=passed.model,
+        output_path=str(out_path) if out_path else None,
+        dry_run=dry_run,
+        validation=validation,
+        bnfuse_version=__version__,
+        warnings=tuple(warnings),
+    )
+
+    if bench:
+        result = _replace(
+            result,
+            bench=benchmark(
+                original,
+                passed.model,
+                batches=batches,
+                threads=threads,
+                seconds=bench_seconds,
+                input_shapes=input_shapes,
+                progress=progress,
+                _backend=backend,
+            ),
+        )
+
+    if validation is not None and not validation.passed and not force:
+        blamed = f"; responsible fold(s): {', '.join(validation.culprits)}" if validation.culprits else ""
+        raise ValidationError(
+            f"validation failed: fused outputs differ from the original{blamed}; "
+            "nothing was written (use --rollback to drop those folds, --force to write anyway)",
+            result,
+        )
+
+    if out_path is not None and not dry_run:
+        _report(progress, "writing", 0, None)
+        backend.save(passed.model, out_path)
+        result = _replace(
+            result, written=True, after=backend.stats(passed.model, out_path)
+        )
+    return result
+
+
+def benchmark(
+    original: Any,
+    fused: Any,
+    *,
+    batches: Sequence[int] = (1,),
+    threads: int = 1,
+    seconds: float = 10.0,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    progress: Progress | None = None,
+    _backend: Backend | None = None,
+) -> BenchResult:
+    """Time ``original`` against ``fused`` (paths or model objects of the same format).
+
+    ONNX models run in onnxruntime on the CPU at ORT_DISABLE_ALL and ORT_ENABLE_ALL; Keras
+    models as ``model(x, training=False)`` under ``tf.function`` and eagerly. Runs are
+    interleaved (A B A B ...) after warm-up; ``seconds`` bounds the time per row.
+    """
+    from bnfuse import bench as _bench
+
+    if threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if any(b < 1 for b in batches):
+        raise UsageError("batch sizes must be at least 1")
+    backend = _backend
+    models = []
+    for m in (original, fused):
+        b, path = get_backend(m) if _backend is None else (_backend, None)
+        backend = b
+        if path is not None:
+            models.append(b.load(path))
+        else:
+            models.append(m if _backend is not None else b.accept(m))
+    if backend is None:  # unreachable: both arguments resolved a backend above
+        raise UsageError("benchmark needs two models")
+    return _bench.run(
+        backend.bench_targets(models[0], threads),
+        backend.bench_targets(models[1], threads),
+        backend.runner(models[0]).inputs,
+        batches=batches,
+        threads=threads,
+        seconds=seconds,
+        input_shapes=input_shapes or {},
+        progress=progress,
+    )
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def _report(progress: Progress | None, what: str, done: float, total: float | None) -> None:
+    if progress is not None:
+        progress(what, done, total)
+

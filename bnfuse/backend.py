@@ -1,0 +1,150 @@
+"""What a model format must provide so the shared pipeline (validate, bench, write) can use it.
+
+The ONNX and Keras backends implement :class:`Backend`; :mod:`bnfuse.api` picks one lazily
+so that fusing an ONNX model never imports tensorflow.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from bnfuse.result import Fold, ModelStats, Refusal
+
+__all__ = [
+    "Backend",
+    "BenchTarget",
+    "FuseOptions",
+    "InputSpec",
+    "PassResult",
+    "Runner",
+    "atomic_path",
+]
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    """Options of one fusion pass.
+
+    ``exclude`` names BN nodes/layers that must stay (used by rollback and bisection);
+    ``skip_rules`` names rules to disable.
+    """
+
+    skip_rules: frozenset[str] = frozenset()
+    exclude: frozenset[str] = frozenset()
+    treat_initializer_inputs_as_constants: bool = False
+    forward: bool = True  # allow forward folds (BN into the layer after it)
+
+
+@dataclass
+class PassResult:
+    """The fused model (a new object; the input is never mutated) and what happened."""
+
+    model: Any
+    folds: list[Fold] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype and shape (str/None for symbolic dims)."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | str | None, ...]
+
+
+class Runner(Protocol):
+    """Runs a model for validation (ONNX: onnxruntime with graph optimizations disabled)."""
+
+    @property
+    def inputs(self) -> Sequence[InputSpec]:
+        """The model's inputs."""
+        ...
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        """The model's output names, in the order :meth:`run` returns them."""
+        ...
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once on ``feeds`` and return every output."""
+        ...
+
+
+@dataclass(frozen=True)
+class BenchTarget:
+    """A way to run a model that the benchmark times (one runtime setting).
+
+    ``prepare()`` does the one-off work (create a session, trace a function) and returns a
+    callable that runs the model once on the given feeds.
+    """
+
+    runtime: str
+    prepare: Callable[[], Callable[[Mapping[str, np.ndarray]], Any]]
+    note: str = ""
+
+
+class Backend(Protocol):
+    """A model format."""
+
+    name: str
+
+    def load(self, path: Path, *, unsafe_load: bool = False) -> Any:
+        """Read a model file; raise ModelLoadError / UnsupportedModelError."""
+        ...
+
+    def accept(self, model: Any) -> Any:
+        """Check an in-memory model object; return the object to work on."""
+        ...
+
+    def rule_names(self) -> tuple[str, ...]:
+        """Names of every rule, as ``--skip`` accepts them."""
+        ...
+
+    def fuse(self, model: Any, options: FuseOptions) -> PassResult:
+        """Fold every foldable BN; never mutates ``model``."""
+        ...
+
+    def stats(self, model: Any, path: Path | None = None) -> ModelStats:
+        """Node/parameter counts (and file size when ``path`` is given)."""
+        ...
+
+    def runner(self, model: Any) -> Runner:
+        """A runner for validation."""
+        ...
+
+    def bench_targets(self, model: Any, threads: int) -> list[BenchTarget]:
+        """Runtime settings to time, in report order."""
+        ...
+
+    def save(self, model: Any, path: Path) -> None:
+        """Write ``model`` to ``path`` atomically (see :func:`atomic_path`)."""
+        ...
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``dest``'s directory; rename it onto ``dest`` on success.
+
+    On any exception (KeyboardInterrupt included) the temporary file is removed, so an
+    interrupted write never leaves a partial output behind.
+    """
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".bnfuse-tmp{dest.suffix}", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,246 @@
+"""The fold math, shared by every backend. Imports numpy only.
+
+Inference BatchNormalization is the per-channel affine ``z = s*y + t`` with
+``s = gamma / sqrt(var + eps)`` and ``t = beta - s*mean``.
+
+* Backward fold (linear layer, then the affine): scale the weight along its OUTPUT
+  channels by ``s``; new bias ``s*b + t``.
+* Forward fold (the affine, then a linear layer): scale the weight along its INPUT
+  channels by ``s``; new bias ``b + W·t`` (sum over everything feeding each output).
+
+Weights are described by *channel maps*: an integer array, broadcastable to the weight's
+shape, that gives for every weight element the channel it belongs to. Any layout
+(grouped convolutions, grouped transposed convolutions, depthwise kernels) is one
+``channel_map`` call away, so the arithmetic below is written once.
+
+Everything is computed in float64; :func:`round_to` rounds once to the target dtype and
+reports overflow instead of producing ``inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "Affine",
+    "bn_affine",
+    "channel_map",
+    "check_affine",
+    "fold_backward",
+    "fold_forward",
+    "bfloat16_bits_to_float64",
+    "check_bn",
+    "round_to",
+    "round_to_bfloat16_bits",
+]
+
+F64 = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A per-channel affine ``z = scale*x + shift`` (float64 vectors of equal length)."""
+
+    scale: F64
+    shift: F64
+
+    @property
+    def channels(self) -> int:
+        """Number of channels."""
+        return int(self.scale.shape[0])
+
+    def then(self, other: Affine) -> Affine:
+        """The affine that applies ``self`` first and ``other`` second."""
+        return Affine(self.scale * other.scale, other.scale * self.shift + other.shift)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the affine changes nothing."""
+        return bool(np.all(self.scale == 1.0) and np.all(self.shift == 0.0))
+
+
+def _vec(x: object, n: int, default: float) -> F64:
+    if x is None:
+        return np.full(n, default, dtype=np.float64)
+    arr = np.asarray(x, dtype=np.float64).reshape(-1)
+    if arr.size == 1 and n != 1:
+        return np.full(n, float(arr[0]), dtype=np.float64)
+    return arr
+
+
+def bn_affine(
+    mean: object,
+    var: object,
+    eps: float,
+    gamma: object | None = None,
+    beta: object | None = None,
+) -> Affine:
+    """The inference BatchNormalization as an :class:`Affine` (float64).
+
+    Missing ``gamma`` means 1 (Keras ``scale=False``), missing ``beta`` means 0
+    (``center=False``). Call :func:`check_affine` on the result, or :func:`check_bn`
+    on the inputs, before folding.
+    """
+    m = np.asarray(mean, dtype=np.float64).reshape(-1)
+    n = m.shape[0]
+    v = _vec(var, n, 1.0)
+    g = _vec(gamma, n, 1.0)
+    b = _vec(beta, n, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = g / np.sqrt(v + float(eps))
+        t = b - s * m
+    return Affine(s, t)
+
+
+def check_bn(
+    mean: object, var: object, eps: float, gamma: object | None = None, beta: object | None = None
+) -> str | None:
+    """None when the BN statistics fold to a finite affine, else a user-readable reason."""
+    arrays = {"mean": mean, "variance": var, "gamma": gamma, "beta": beta}
+    for label, arr in arrays.items():
+        if arr is not None and not np.all(np.isfinite(np.asarray(arr, dtype=np.float64))):
+            return f"non-finite BN {label} (NaN or Inf)"
+    if not np.isfinite(eps):
+        return "non-finite BN epsilon"
+    v = np.asarray(var, dtype=np.float64).reshape(-1) + float(eps)
+    if np.any(v <= 0):
+        return "variance + epsilon <= 0: BN is undefined"
+    return check_affine(bn_affine(mean, var, eps, gamma, beta))
+
+
+def check_affine(aff: Affine) -> str | None:
+    """None when the affine is finite, else a user-readable reason."""
+    if not (np.all(np.isfinite(aff.scale)) and np.all(np.isfinite(aff.shift))):
+        return "BN folds to a non-finite scale or shift"
+    return None
+
+
+def channel_map(
+    shape: Sequence[int],
+    axes: Sequence[int],
+    view: Sequence[int] | None = None,
+) -> NDArray[np.int64]:
+    """Channel index of every element of a weight of ``shape``.
+
+    The weight is viewed with shape ``view`` (default: ``shape``); the channel of an
+    element is the row-major ravel of its indices along ``axes`` of that view. Examples::
+
+        ONNX Conv  W[Cout, Cin/g, k...]: output channels  axes=(0,)
+        Keras Dense W[in, out]:          output channels  axes=(1,)
+        Keras DepthwiseConv (k..., in, mult): out channel i*mult+m  axes=(-2, -1)
+        ONNX ConvTranspose grouped W[Cin, Cout/g, k...]: view [g, Cin/g, Cout/g, k...],
+            output channel gi*(Cout/g)+j  axes=(0, 2)
+
+    The result is broadcastable to ``shape`` (materialised only when ``view`` differs).
+    """
+    v = tuple(int(d) for d in (view if view is not None else shape))
+    if int(np.prod(v)) != int(np.prod(tuple(shape))):
+        raise ValueError(f"view {v} does not match weight shape {tuple(shape)}")
+    nd = len(v)
+    ax = sorted(a % nd for a in axes)
+    if len(set(ax)) != len(ax):
+        raise ValueError("channel axes repeat")
+    sub = [v[a] for a in ax]
+    idx = np.arange(int(np.prod(sub)), dtype=np.int64).reshape(sub)
+    bshape = [1] * nd
+    for a in ax:
+        bshape[a] = v[a]
+    idx = idx.reshape(bshape)
+    if tuple(v) == tuple(shape):
+        return idx
+    return np.broadcast_to(idx, v).reshape(tuple(shape))
+
+
+def _gather(vec: F64, cmap: NDArray[np.int64]) -> F64:
+    return vec[cmap]
+
+
+def fold_backward(
+    weight: NDArray[np.generic],
+    bias: NDArray[np.generic] | None,
+    aff: Affine,
+    out_map: NDArray[np.int64],
+) -> tuple[F64, F64]:
+    """Fold ``aff`` applied to the layer's output into the layer (float64 results).
+
+    ``out_map`` is the :func:`channel_map` of the weight's output channels. Returns the
+    new weight (same shape) and the new bias (one value per channel).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.zeros(aff.channels) if bias is None else np.asarray(bias, dtype=np.float64)
+    b = np.broadcast_to(b.reshape(-1), (aff.channels,))
+    return w * _gather(aff.scale, out_map), aff.scale * b + aff.shift
+
+
+def fold_forward(
+    weight: NDArray[np.generic],
+    bias: NDArray[np.generic] | None,
+    aff: Affine,
+    in_map: NDArray[np.int64],
+    out_map: NDArray[np.int64],
+    out_channels: int,
+) -> tuple[F64, F64]:
+    """Fold ``aff`` applied to the layer's input into the layer (float64 results).
+
+    ``in_map``/``out_map`` give every weight element's input and output channel. The new
+    bias is ``b[o] + sum(W[e] * shift[in(e)] for e with out(e) == o)``; exact only when the
+    layer applies no zero padding to its input (the caller checks that).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    b = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
+    b = np.broadcast_to(b.reshape(-1), (out_channels,)).copy()
+    contrib = w * _gather(aff.shift, in_map)
+    full_out = np.broadcast_to(out_map, w.shape)
+    b += np.bincount(full_out.ravel(), weights=contrib.ravel(), minlength=out_channels)
+    return w * _gather(aff.scale, in_map), b
+
+
+def round_to(arr: NDArray[np.generic], dtype: np.dtype[np.generic] | type) -> NDArray[np.generic]:
+    """Round a float64 array once to ``dtype``.
+
+    Raises :class:`OverflowError` when a finite value becomes infinite (fp16 overflows
+    silently to ``inf`` otherwise).
+    """
+    a64 = np.asarray(arr, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = a64.astype(np.dtype(dtype))
+    if out.dtype.kind == "f" and np.any(np.isinf(out) & np.isfinite(a64)):
+        raise OverflowError(f"folded values overflow {out.dtype.name}")
+    return out
+
+
+def round_to_bfloat16_bits(arr: NDArray[np.generic]) -> NDArray[np.uint16]:
+    """Round float64 values once to bfloat16, returned as raw uint16 bit patterns.
+
+    Round-to-nearest-even from the exact value (not via a float32 double rounding where
+    avoidable: float64 -> float32 is exact for every value bfloat16 can tell apart except
+    at ties, which are resolved on the float64 value). Raises :class:`OverflowError`.
+    """
+    a64 = np.asarray(arr, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f32 = a64.astype(np.float32)
+    bits = f32.view(np.uint32).astype(np.uint64)
+    upper = bits >> 16
+    lower = bits & 0xFFFF
+    # exact tie only when the float32 lower half is 0x8000 and float64 had no extra bits
+    back = f32.astype(np.float64)
+    tie = (lower == 0x8000) & (back == a64)
+    above = (lower > 0x8000) | ((lower == 0x8000) & ~tie & (np.abs(a64) > np.abs(back)))
+    round_up = above | (tie & ((upper & 1) == 1))
+    nan = np.isnan(a64)
+    out = np.where(round_up & ~nan, upper + 1, upper)
+    out = np.where(nan, 0x7FC0, out).astype(np.uint16)
+    exp_all_ones = (out & 0x7F80) == 0x7F80
+    if np.any(exp_all_ones & np.isfinite(a64)):
+        raise OverflowError("folded values overflow bfloat16")
+    return out
+
+
+def bfloat16_bits_to_float64(bits: NDArray[np.generic]) -> F64:
+    """Decode raw bfloat16 bit patterns (uint16) to float64."""
+    b = np.asarray(bits).astype(np.uint32) << 16
+    return b.view(np.float32).astype(np.float64)

@@ -1,0 +1,185 @@
+"""Typed, frozen results. The API returns these; the CLI and report only render them."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "BenchResult",
+    "Fold",
+    "FuseResult",
+    "LatencyRow",
+    "LatencyStats",
+    "ModelStats",
+    "OutputMetrics",
+    "Refusal",
+    "Validation",
+]
+
+Direction = Literal["backward", "forward"]
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One normalization folded away.
+
+    ``bn`` is the BatchNormalization (or BN-equivalent affine) node/layer name, ``into``
+    the linear node/layer that absorbed it, ``rule`` the rule that matched.
+    """
+
+    bn: str
+    into: str
+    rule: str
+    direction: Direction
+    channels: int
+    kind: str = "BatchNormalization"
+    detail: str = ""
+    scope: str = ""  # "" for the main graph, else the subgraph / function / nested model path
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A normalization that was left in place, and why (one readable sentence)."""
+
+    bn: str
+    reason: str
+    kind: str = "BatchNormalization"
+    rule: str = ""
+    scope: str = ""
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Size of a model. Trainable/non-trainable are Keras's terms (None when unknown)."""
+
+    nodes: int
+    bn_nodes: int
+    params: int
+    trainable_params: int | None = None
+    non_trainable_params: int | None = None
+    file_size: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """Agreement of one output between the original and the fused model."""
+
+    name: str
+    max_abs_error: float
+    max_rel_error: float
+    mean_abs_error: float
+    cosine_similarity: float
+    top1_agreement: float | None
+    min_atol: float  # the smallest atol that would have passed at the chosen rtol
+    rtol: float
+    atol: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Original vs fused, same runtime, graph optimizations disabled on both sides."""
+
+    passed: bool
+    samples: int
+    runtime: str
+    outputs: tuple[OutputMetrics, ...]
+    culprits: tuple[str, ...] = ()  # BN names whose folds bisection blamed
+    rolled_back: tuple[str, ...] = ()
+    input_source: str = "random"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Timing of one model variant in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    runs: int
+    throughput: float  # samples per second at this batch size
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """Original vs fused at one runtime setting and batch size (timed interleaved)."""
+
+    runtime: str  # e.g. "onnxruntime ORT_DISABLE_ALL", "keras tf.function"
+    batch: int
+    original: LatencyStats
+    fused: LatencyStats
+    speedup: float  # median of paired original/fused ratios (>1: fused is faster)
+    speedup_ci: tuple[float, float]  # bootstrap 95% CI of that median
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Latency before/after plus one-off costs and the machine it ran on."""
+
+    rows: tuple[LatencyRow, ...]
+    setup_ms: dict[str, float]  # session creation / trace time, keyed "original ..." etc.
+    first_run_ms: dict[str, float]
+    threads: int
+    machine: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+
+class _Encoder:
+    @staticmethod
+    def encode(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            return {
+                f.name: _Encoder.encode(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if f.metadata.get("serialize", True)
+            }
+        if isinstance(obj, enum.Enum):
+            return obj.value
+        if isinstance(obj, dict):
+            return {str(k): _Encoder.encode(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return [_Encoder.encode(v) for v in obj]
+        if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+            return None
+        return obj
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    """Everything one fusion run produced.
+
+    ``model`` is the fused model (an ``onnx.ModelProto`` or a ``keras.Model``); it is not
+    part of :meth:`to_dict`.
+    """
+
+    backend: Literal["onnx", "keras"]
+    source: str
+    folds: tuple[Fold, ...]
+    refusals: tuple[Refusal, ...]
+    before: ModelStats
+    after: ModelStats
+    model: Any = field(default=None, repr=False, compare=False, metadata={"serialize": False})
+    output_path: str | None = None
+    written: bool = False
+    dry_run: bool = False
+    validation: Validation | None = None
+    bench: BenchResult | None = None
+    bnfuse_version: str = ""
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True unless validation ran and failed."""
+        return self.validation is None or self.validation.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with stable keys (schema ``bnfuse.result/1``, see README)."""
+        d: dict[str, Any] = {"schema": "bnfuse.result/1"}
+        d.update(_Encoder.encode(self))
+        return d
