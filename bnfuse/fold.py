@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,10 +33,8 @@ __all__ = [
     "check_affine",
     "fold_backward",
     "fold_forward",
-    "bfloat16_bits_to_float64",
     "check_bn",
     "round_to",
-    "round_to_bfloat16_bits",
 ]
 
 F64 = NDArray[np.float64]
@@ -199,48 +198,16 @@ def fold_forward(
     return w * _gather(aff.scale, in_map), b
 
 
-def round_to(arr: NDArray[np.generic], dtype: np.dtype[np.generic] | type) -> NDArray[np.generic]:
-    """Round a float64 array once to ``dtype``.
+def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
+    """Round a float64 array once to ``dtype`` (numpy float types or ml_dtypes' bfloat16).
 
-    Raises :class:`OverflowError` when a finite value becomes infinite (fp16 overflows
-    silently to ``inf`` otherwise).
+    Raises :class:`OverflowError` when a finite value becomes infinite (fp16 and bf16
+    overflow silently to ``inf`` otherwise).
     """
     a64 = np.asarray(arr, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         out = a64.astype(np.dtype(dtype))
-    if out.dtype.kind == "f" and np.any(np.isinf(out) & np.isfinite(a64)):
+        back = out.astype(np.float64)
+    if np.any(np.isinf(back) & np.isfinite(a64)):
         raise OverflowError(f"folded values overflow {out.dtype.name}")
     return out
-
-
-def round_to_bfloat16_bits(arr: NDArray[np.generic]) -> NDArray[np.uint16]:
-    """Round float64 values once to bfloat16, returned as raw uint16 bit patterns.
-
-    Round-to-nearest-even from the exact value (not via a float32 double rounding where
-    avoidable: float64 -> float32 is exact for every value bfloat16 can tell apart except
-    at ties, which are resolved on the float64 value). Raises :class:`OverflowError`.
-    """
-    a64 = np.asarray(arr, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        f32 = a64.astype(np.float32)
-    bits = f32.view(np.uint32).astype(np.uint64)
-    upper = bits >> 16
-    lower = bits & 0xFFFF
-    # exact tie only when the float32 lower half is 0x8000 and float64 had no extra bits
-    back = f32.astype(np.float64)
-    tie = (lower == 0x8000) & (back == a64)
-    above = (lower > 0x8000) | ((lower == 0x8000) & ~tie & (np.abs(a64) > np.abs(back)))
-    round_up = above | (tie & ((upper & 1) == 1))
-    nan = np.isnan(a64)
-    out = np.where(round_up & ~nan, upper + 1, upper)
-    out = np.where(nan, 0x7FC0, out).astype(np.uint16)
-    exp_all_ones = (out & 0x7F80) == 0x7F80
-    if np.any(exp_all_ones & np.isfinite(a64)):
-        raise OverflowError("folded values overflow bfloat16")
-    return out
-
-
-def bfloat16_bits_to_float64(bits: NDArray[np.generic]) -> F64:
-    """Decode raw bfloat16 bit patterns (uint16) to float64."""
-    b = np.asarray(bits).astype(np.uint32) << 16
-    return b.view(np.float32).astype(np.float64)

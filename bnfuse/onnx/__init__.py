@@ -1,0 +1,1 @@
+"""ONNX backend: graph index, fold rules, onnxruntime runner. Never imports tensorflow."""

@@ -1,0 +1,273 @@
+"""The ONNX backend: load, fuse, count, run (onnxruntime), time, save."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bnfuse import __version__
+from bnfuse.backend import BenchTarget, FuseOptions, InputSpec, PassResult, atomic_path
+from bnfuse.errors import ModelLoadError, UnsupportedModelError
+from bnfuse.onnx.fuse import RULE_NAMES, fuse_model
+from bnfuse.result import ModelStats
+
+__all__ = ["OnnxBackend", "OrtRunner"]
+
+NORM_OPS = ("BatchNormalization",)
+
+
+def _ort() -> Any:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+def _count(model: onnx.ModelProto) -> tuple[int, int, int]:
+    """(nodes, BN nodes, parameters) over the main graph, subgraphs and functions."""
+    nodes = bns = params = 0
+
+    def walk(graph: onnx.GraphProto) -> None:
+        nonlocal nodes, bns, params
+        for t in graph.initializer:
+            params += int(np.prod(t.dims)) if t.dims else 1
+        for n in graph.node:
+            nodes += 1
+            bns += n.op_type in NORM_OPS
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR:
+                        params += int(np.prod(a.t.dims)) if a.t.dims else 1
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        walk(sub)
+
+    walk(model.graph)
+    for f in model.functions:
+        nodes += len(f.node)
+        bns += sum(n.op_type in NORM_OPS for n in f.node)
+    return nodes, bns, params
+
+
+def _elem_dtype(elem_type: int) -> np.dtype[Any]:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except Exception:
+        return np.dtype(np.float32)
+
+
+class OrtRunner:
+    """Runs a model in onnxruntime on the CPU with graph optimizations disabled."""
+
+    runtime = "onnxruntime CPU, ORT_DISABLE_ALL"
+
+    def __init__(self, model: onnx.ModelProto, level: str = "ORT_DISABLE_ALL", threads: int = 1):
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from None
+        self._inputs = [
+            InputSpec(i.name, _ort_dtype(i.type), tuple(_dim(d) for d in i.shape))
+            for i in self.session.get_inputs()
+        ]
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def inputs(self) -> Sequence[InputSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(None, dict(feeds)))
+
+
+def _dim(d: Any) -> int | str | None:
+    return d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None)
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _ort_dtype(t: str) -> np.dtype[Any]:
+    if t == "tensor(bfloat16)":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_ORT_TYPES.get(t, np.float32))
+
+
+class OnnxBackend:
+    """:class:`bnfuse.backend.Backend` for ONNX models."""
+
+    name = "onnx"
+
+    def load(self, path: Path, *, unsafe_load: bool = False) -> onnx.ModelProto:
+        """Read an ONNX file (external data resolved beside it)."""
+        path = Path(path)
+        if not path.exists():
+            raise ModelLoadError(f"{path}: no such file")
+        if path.is_dir():
+            raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+        if not os.access(path, os.R_OK):
+            raise ModelLoadError(f"{path}: permission denied")
+        try:
+            if path.stat().st_size == 0:
+                raise ModelLoadError(f"{path}: empty file, not an ONNX model")
+            model = onnx.load(str(path), load_external_data=False)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        self._check_model(model, path)
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+        return model
+
+    def _check_model(self, model: onnx.ModelProto, path: Path | None) -> None:
+        where = f"{path}: " if path else ""
+        if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+            raise ModelLoadError(f"{where}not an ONNX model (no graph)")
+        if not model.opset_import:
+            raise ModelLoadError(f"{where}not an ONNX model (no opset_import)")
+
+    def accept(self, model: Any) -> onnx.ModelProto:
+        """Check an in-memory ModelProto (it is copied before any change)."""
+        if not isinstance(model, onnx.ModelProto):
+            raise UnsupportedModelError(f"expected an onnx.ModelProto, got {type(model).__name__}")
+        self._check_model(model, None)
+        return model
+
+    def rule_names(self) -> tuple[str, ...]:
+        return RULE_NAMES
+
+    def fuse(self, model: onnx.ModelProto, options: FuseOptions) -> PassResult:
+        result = fuse_model(model, options)
+        fused = result.model
+        folds = ";".join(f"{f.bn}->{f.into}({f.direction})" for f in result.folds)
+        _set_meta(fused, "bnfuse.version", __version__)
+        _set_meta(fused, "bnfuse.folds", str(len(result.folds)))
+        if folds:
+            _set_meta(fused, "bnfuse.fold_list", folds[:4096])
+        return result
+
+    def stats(self, model: onnx.ModelProto, path: Path | None = None) -> ModelStats:
+        nodes, bns, params = _count(model)
+        size = None
+        if path is not None and Path(path).exists():
+            size = Path(path).stat().st_size
+            for f in Path(path).parent.iterdir() if _has_external(model) else ():
+                if f.name in _external_files(model):
+                    size += f.stat().st_size
+        return ModelStats(nodes=nodes, bn_nodes=bns, params=params, file_size=size)
+
+    def runner(self, model: onnx.ModelProto) -> OrtRunner:
+        return OrtRunner(model)
+
+    def bench_targets(self, model: onnx.ModelProto, threads: int) -> list[BenchTarget]:
+        data = model.SerializeToString()
+        targets = []
+        for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+            targets.append(
+                BenchTarget(
+                    runtime=f"onnxruntime {level}",
+                    prepare=_session_factory(data, level, threads),
+                    note="",
+                )
+            )
+        return targets
+
+    def save(self, model: onnx.ModelProto, path: Path) -> None:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            if model.ByteSize() > 2_000_000_000 or _has_external(model):
+                raise UnsupportedModelError(
+                    "saving models with external data is not supported yet"
+                )
+            tmp.write_bytes(model.SerializeToString())
+
+
+def _session_factory(
+    data: bytes, level: str, threads: int
+) -> Callable[[], Callable[[Mapping[str, np.ndarray]], Any]]:
+    def prepare() -> Callable[[Mapping[str, np.ndarray]], Any]:
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+        def run(feeds: Mapping[str, np.ndarray]) -> Any:
+            return sess.run(None, dict(feeds))
+
+        return run
+
+    return prepare
+
+
+def _has_external(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    )
+
+
+def _external_files(model: onnx.ModelProto) -> set[str]:
+    files = set()
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                files.add(e.value)
+    return files
+
+
+def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+_ = time

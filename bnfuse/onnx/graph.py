@@ -1,0 +1,314 @@
+"""An index over one ONNX graph: producers, consumers, constants, and safe weight writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfuse.fold import round_to
+
+__all__ = ["Graph", "NameSource", "node_label", "subgraphs"]
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A stable, readable name for a node (its name, or op type and first output)."""
+    if node.name:
+        return node.name
+    out = node.output[0] if node.output else "?"
+    return f"{node.op_type}->{out}"
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """Graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _outer_names_used(g: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads that it does not define itself (outer-scope references)."""
+    defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+    used: set[str] = set()
+    for node in g.node:
+        defined.update(o for o in node.output if o)
+    for node in g.node:
+        used.update(i for i in node.input if i)
+        for sub in subgraphs(node):
+            used |= _outer_names_used(sub)
+    used.update(o.name for o in g.output)
+    return used - defined
+
+
+class NameSource:
+    """Deterministic, collision-free names for new tensors and nodes across a whole model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.taken: set[str] = set()
+
+        def walk(g: onnx.GraphProto) -> None:
+            self.taken.update(t.name for t in g.initializer)
+            self.taken.update(v.name for v in g.input)
+            self.taken.update(v.name for v in g.output)
+            self.taken.update(v.name for v in g.value_info)
+            for n in g.node:
+                self.taken.add(n.name)
+                self.taken.update(n.input)
+                self.taken.update(n.output)
+                for sub in subgraphs(n):
+                    walk(sub)
+
+        walk(model.graph)
+        for f in model.functions:
+            for n in f.node:
+                self.taken.add(n.name)
+                self.taken.update(n.input)
+                self.taken.update(n.output)
+
+    def new(self, base: str) -> str:
+        """``base`` if free, else ``base_1``, ``base_2``, ..."""
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+
+@dataclass
+class Graph:
+    """Index of one graph. Rebuild it (``Graph(...)``) after structural rewrites.
+
+    ``outer`` is the enclosing graph's index for subgraphs: its constants count as
+    constants here, its consumers of names see this graph's uses.
+    """
+
+    g: onnx.GraphProto
+    names: NameSource
+    treat_initializer_inputs_as_constants: bool = False
+    outer: Graph | None = None
+    shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
+    producer: dict[str, onnx.NodeProto] = field(init=False)
+    consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
+    inits: dict[str, onnx.TensorProto] = field(init=False)
+    input_names: set[str] = field(init=False)
+    output_names: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Recompute producer/consumer maps."""
+        self.producer = {}
+        self.consumers = {}
+        for node in self.g.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            seen: set[str] = set()
+            for i in node.input:
+                if i and i not in seen:
+                    self.consumers.setdefault(i, []).append(node)
+                    seen.add(i)
+            for sub in subgraphs(node):
+                for name in _outer_names_used(sub) - seen:
+                    self.consumers.setdefault(name, []).append(node)
+                    seen.add(name)
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.input_names = {i.name for i in self.g.input}
+        self.output_names = {o.name for o in self.g.output}
+
+    # ---- queries -------------------------------------------------------------------
+    def uses(self, name: str) -> int:
+        """How many node inputs (counting repeats) and graph outputs read ``name``."""
+        n = sum(list(node.input).count(name) for node in self.consumers.get(name, []))
+        n += sum(
+            1
+            for node in self.consumers.get(name, [])
+            if name not in node.input  # used only from a subgraph
+        )
+        return n + (1 if name in self.output_names else 0)
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        """The single node reading ``name`` once, when nothing else (graph output) does."""
+        cons = self.consumers.get(name, [])
+        if len(cons) != 1 or name in self.output_names or self.uses(name) != 1:
+            return None
+        return cons[0]
+
+    def intermediate_reason(self, name: str, what: str) -> str | None:
+        """Why the tensor between two nodes cannot disappear, or None."""
+        if name in self.output_names:
+            return f"{what} output {name!r} is a graph output"
+        if self.uses(name) > 1:
+            return f"{what} output {name!r} has other consumers"
+        return None
+
+    def const_reason(self, name: str) -> str | None:
+        """None when ``name`` is a constant (initializer or Constant node), else why not."""
+        if name == "":
+            return "missing input"
+        if name in self.inits:
+            if name in self.input_names and not self.treat_initializer_inputs_as_constants:
+                return (
+                    f"{name!r} is an initializer also listed as a graph input (overridable); "
+                    "pass --treat-initializer-inputs-as-constants if it is fixed"
+                )
+            return None
+        prod = self.producer.get(name)
+        if prod is not None:
+            if prod.op_type == "Constant" and prod.domain in ("", "ai.onnx") and _constant_value(prod):
+                return None
+            return f"{name!r} is computed by a {prod.op_type} node, not a constant"
+        if name in self.input_names:
+            return f"{name!r} is a graph input, not a constant"
+        if self.outer is not None:
+            return self.outer.const_reason(name)
+        return f"{name!r} is not defined"
+
+    def const(self, name: str) -> np.ndarray:
+        """Value of a constant (check :meth:`const_reason` first)."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        prod = self.producer.get(name)
+        if prod is not None:
+            tensor = _constant_value(prod)
+            if tensor is not None:
+                return numpy_helper.to_array(tensor)
+        if self.outer is not None:
+            return self.outer.const(name)
+        raise KeyError(name)
+
+    def const_dtype(self, name: str) -> int:
+        """ONNX element type of a constant."""
+        if name in self.inits:
+            return int(self.inits[name].data_type)
+        prod = self.producer.get(name)
+        if prod is not None:
+            tensor = _constant_value(prod)
+            if tensor is not None:
+                return int(tensor.data_type)
+        if self.outer is not None:
+            return self.outer.const_dtype(name)
+        raise KeyError(name)
+
+    def rank(self, name: str) -> int | None:
+        """Rank of a tensor when shape inference (or the graph) knows it."""
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    # ---- writes --------------------------------------------------------------------
+    def write_const(
+        self,
+        node: onnx.NodeProto,
+        slot: int,
+        value64: np.ndarray,
+        like: str | None,
+        base: str,
+    ) -> None:
+        """Set ``node.input[slot]`` to a constant holding ``value64`` rounded once.
+
+        The element type is that of constant ``like`` (the tensor being replaced), or of
+        the node's weight when adding a new one. An initializer used only by this slot
+        is rewritten in place (in the copy being fused); a shared one, or a Constant
+        node, is left alone and a new initializer with a fresh name is created.
+        Raises OverflowError when the rounded value overflows the type.
+        """
+        dtype_id = self.const_dtype(like) if like else onnx.TensorProto.FLOAT
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_id)
+        arr = round_to(value64, np_dtype)
+        old = node.input[slot] if slot < len(node.input) else ""
+        if old and old in self.inits and self._exclusively_used(old, node, slot):
+            tensor = numpy_helper.from_array(arr, old)
+            self.inits[old].CopyFrom(tensor)
+            return
+        name = self.names.new(base)
+        self.g.initializer.append(numpy_helper.from_array(arr, name))
+        self.inits[name] = self.g.initializer[-1]
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+
+    def _exclusively_used(self, name: str, node: onnx.NodeProto, slot: int) -> bool:
+        if name in self.input_names or name in self.output_names:
+            return False
+        cons = self.consumers.get(name, [])
+        return len(cons) == 1 and cons[0] is node and list(node.input).count(name) == 1
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        """Remove ``node`` from the graph (identity comparison)."""
+        for i, n in enumerate(self.g.node):
+            if n is node:
+                del self.g.node[i]
+                return
+        raise ValueError("node not in graph")
+
+    def drop_value_info(self, names: Iterable[str]) -> None:
+        """Forget shape annotations of tensors that no longer exist."""
+        gone = set(names)
+        keep = [v for v in self.g.value_info if v.name not in gone]
+        if len(keep) != len(self.g.value_info):
+            del self.g.value_info[:]
+            self.g.value_info.extend(keep)
+
+    def remove_unused_initializers(self, candidates: Iterable[str]) -> None:
+        """Drop initializers among ``candidates`` that nothing reads any more."""
+        self.reindex()
+        dead = {
+            c
+            for c in candidates
+            if c in self.inits
+            and not self.consumers.get(c)
+            and c not in self.output_names
+            and c not in self.input_names
+        }
+        if dead:
+            keep = [t for t in self.g.initializer if t.name not in dead]
+            del self.g.initializer[:]
+            self.g.initializer.extend(keep)
+            self.reindex()
+
+    def insert_after(self, anchor: onnx.NodeProto, new: onnx.NodeProto) -> None:
+        """Insert ``new`` right after ``anchor`` (keeps the node list topologically sorted)."""
+        for i, n in enumerate(self.g.node):
+            if n is anchor:
+                self.g.node.insert(i + 1, new)
+                return
+        raise ValueError("anchor not in graph")
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return attr.t
+    return None
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """Attribute value of a node, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    """Set (add or replace) an attribute."""
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))

@@ -1,0 +1,612 @@
+"""Fold rules for ONNX graphs.
+
+Each rule states the identity it relies on, ``check`` returns None or a readable refusal
+reason, and ``rewrite`` only gathers arrays, calls :mod:`bnfuse.fold`, and writes them back.
+The driver (:mod:`bnfuse.onnx.fuse`) enforces what every rule needs: the normalization is
+a foldable per-channel affine, its parameters are constants, it is not excluded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from bnfuse.fold import Affine, channel_map, check_affine, check_bn, fold_backward, fold_forward
+from bnfuse.onnx.graph import Graph, attr, node_label, set_attr
+
+__all__ = ["BACKWARD_RULES", "FORWARD_RULES", "Norm", "bn_norm"]
+
+
+@dataclass
+class Norm:
+    """A per-channel affine on axis ``axis`` of tensor ``input`` (a BN, or BN in disguise)."""
+
+    name: str
+    kind: str
+    nodes: list[onnx.NodeProto]  # removed when folded; nodes[-1] produces ``output``
+    input: str
+    output: str
+    affine: Affine
+    axis: int = 1
+    params: list[str] = field(default_factory=list)  # constant inputs, dropped if unused after
+
+    @property
+    def channels(self) -> int:
+        return self.affine.channels
+
+
+def bn_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str:
+    """The affine of a BatchNormalization node, or why it cannot be folded at all."""
+    if len(node.input) < 5:
+        return "malformed BatchNormalization (fewer than 5 inputs)"
+    extra = [o for o in node.output[1:] if o]
+    if extra:
+        return "BatchNormalization training outputs (running mean/var) are used"
+    if attr(node, "training_mode", 0):
+        return "BatchNormalization is in training mode (training_mode=1)"
+    if opset < 7 and attr(node, "is_test", 0) == 0:
+        return "BatchNormalization is in training mode (is_test=0)"
+    for p in node.input[1:5]:
+        reason = g.const_reason(p)
+        if reason:
+            return f"BN parameter {reason}"
+    scale, bias, mean, var = (g.const(p).astype(np.float64) for p in node.input[1:5])
+    eps = float(attr(node, "epsilon", 1e-5))
+    if opset < 9 and attr(node, "spatial", 1) == 0 and mean.ndim > 1:
+        return "BatchNormalization with spatial=0 normalizes every element, not per channel"
+    if not all(a.ndim <= 1 for a in (scale, bias, mean, var)):
+        return "BN parameters are not per-channel vectors"
+    n = mean.size
+    if not all(a.size == n for a in (scale, bias, var)):
+        return "BN parameters have different lengths"
+    reason = check_bn(mean, var, eps, scale, bias)
+    if reason:
+        return reason
+    from bnfuse.fold import bn_affine
+
+    return Norm(
+        name=node_label(node),
+        kind="BatchNormalization",
+        nodes=[node],
+        input=node.input[0],
+        output=node.output[0],
+        affine=bn_affine(mean, var, eps, scale, bias),
+        axis=1,
+        params=list(node.input[1:5]),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _weight(g: Graph, node: onnx.NodeProto, slot: int, what: str = "weight") -> str | None:
+    if slot >= len(node.input) or not node.input[slot]:
+        return f"{node.op_type} has no {what}"
+    reason = g.const_reason(node.input[slot])
+    return f"{node.op_type} {what} {reason}" if reason else None
+
+
+def _float_weight(g: Graph, name: str) -> str | None:
+    from bnfuse.onnx.graph import FLOAT_TYPES
+
+    if g.const_dtype(name) not in FLOAT_TYPES:
+        return f"weight {name!r} is not a floating-point tensor"
+    return None
+
+
+def _optional_const(g: Graph, node: onnx.NodeProto, slot: int) -> str | None:
+    if slot < len(node.input) and node.input[slot]:
+        reason = g.const_reason(node.input[slot])
+        if reason:
+            return f"{node.op_type} bias {reason}"
+    return None
+
+
+def _bias(g: Graph, node: onnx.NodeProto, slot: int) -> np.ndarray | None:
+    if slot < len(node.input) and node.input[slot]:
+        return g.const(node.input[slot]).astype(np.float64)
+    return None
+
+
+def _channels_mismatch(norm: Norm, n: int, what: str) -> str | None:
+    if norm.channels != n and norm.channels != 1:
+        return f"{norm.kind} has {norm.channels} channels but {what} has {n}"
+    return None
+
+
+def _affine_n(norm: Norm, n: int) -> Affine:
+    if norm.channels == n:
+        return norm.affine
+    return Affine(np.full(n, norm.affine.scale[0]), np.full(n, norm.affine.shift[0]))
+
+
+def _conv_groups(node: onnx.NodeProto) -> int:
+    return int(attr(node, "group", 1))
+
+
+def _zero_padding(node: onnx.NodeProto) -> bool:
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad not in ("NOTSET", "VALID"):
+        return True
+    pads = attr(node, "pads", None)
+    return bool(pads) and any(int(p) != 0 for p in pads)
+
+
+def _transpose_out_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
+    # ConvTranspose weight [C_in, C_out/g, k...]; output channel gi*(C_out/g)+j
+    view = (groups, shape[0] // groups, *shape[1:])
+    return channel_map(shape, (0, 2), view)
+
+
+def _conv_in_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
+    # Conv weight [C_out, C_in/g, k...]; input channel (o // (C_out/g))*(C_in/g) + r
+    view = (groups, shape[0] // groups, *shape[1:])
+    return channel_map(shape, (0, 2), view)
+
+
+def _transpose_in_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
+    # ConvTranspose weight [C_in, C_out/g, k...]: the input channel is axis 0
+    return channel_map(shape, (0,))
+
+
+# ---------------------------------------------------------------------------------------
+# Backward rules: linear producer, then the normalization
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackwardMatch:
+    norm: Norm
+    producer: onnx.NodeProto
+    add: onnx.NodeProto | None = None  # MatMul's bias Add
+
+
+class BackwardRule:
+    """Base class: the normalization's input is produced by one of ``ops``."""
+
+    name = ""
+    ops: tuple[str, ...] = ()
+    doc = ""
+
+    def match(self, norm: Norm, g: Graph) -> BackwardMatch | None:
+        prod = g.producer.get(norm.input)
+        if prod is None or prod.op_type not in self.ops or prod.domain not in ("", "ai.onnx"):
+            return None
+        return BackwardMatch(norm, prod)
+
+    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+        raise NotImplementedError
+
+    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
+        """Apply the fold; return the name of the node that absorbed it."""
+        raise NotImplementedError
+
+    def _common(self, m: BackwardMatch, g: Graph) -> str | None:
+        if m.norm.axis != 1:
+            return f"{m.norm.kind} acts on axis {m.norm.axis}, not the channel axis"
+        last = m.add or m.producer
+        return g.intermediate_reason(last.output[0], last.op_type)
+
+    @staticmethod
+    def _reroute(m: BackwardMatch, g: Graph) -> None:
+        """Make the absorbing node produce the normalization's output; drop the norm."""
+        last = m.add or m.producer
+        old = last.output[0]
+        last.output[0] = m.norm.output
+        for n in m.norm.nodes:
+            g.remove_node(n)
+        g.drop_value_info([old])
+
+
+class ConvBN(BackwardRule):
+    """Conv(x, W, b) then BN  ==  Conv(x, W*s[o], s*b + t)   (W: [C_out, C_in/g, k...])."""
+
+    name = "conv-bn"
+    ops = ("Conv",)
+
+    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+        p = m.producer
+        reason = (
+            self._common(m, g)
+            or _weight(g, p, 1)
+            or _optional_const(g, p, 2)
+            or _float_weight(g, p.input[1])
+        )
+        if reason:
+            return reason
+        w = g.const(p.input[1])
+        return _channels_mismatch(m.norm, w.shape[0], "Conv output")
+
+    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
+        p = m.producer
+        w = g.const(p.input[1])
+        aff = _affine_n(m.norm, w.shape[0])
+        w2, b2 = fold_backward(w, _bias(g, p, 2), aff, channel_map(w.shape, (0,)))
+        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
+        g.write_const(p, 2, b2, p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
+                      f"{node_label(p)}_bias_bnfused")
+        self._reroute(m, g)
+        return node_label(p)
+
+
+class ConvTransposeBN(BackwardRule):
+    """ConvTranspose then BN: scale W[C_in, C_out/g, k...] per output channel gi*(C_out/g)+j."""
+
+    name = "conv-transpose-bn"
+    ops = ("ConvTranspose",)
+
+    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+        p = m.producer
+        reason = (
+            self._common(m, g)
+            or _weight(g, p, 1)
+            or _optional_const(g, p, 2)
+            or _float_weight(g, p.input[1])
+        )
+        if reason:
+            return reason
+        w = g.const(p.input[1])
+        groups = _conv_groups(p)
+        if w.shape[0] % groups:
+            return f"ConvTranspose weight has {w.shape[0]} input channels, not divisible by group={groups}"
+        return _channels_mismatch(m.norm, w.shape[1] * groups, "ConvTranspose output")
+
+    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
+        p = m.producer
+        w = g.const(p.input[1])
+        groups = _conv_groups(p)
+        aff = _affine_n(m.norm, w.shape[1] * groups)
+        w2, b2 = fold_backward(w, _bias(g, p, 2), aff, _transpose_out_map(w.shape, groups))
+        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
+        g.write_const(p, 2, b2, p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
+                      f"{node_label(p)}_bias_bnfused")
+        self._reroute(m, g)
+        return node_label(p)
+
+
+class GemmBN(BackwardRule):
+    """alpha*A'B' + beta*C then BN  ==  alpha*A'(B' s[n]) + (beta*C*s + t), beta = 1."""
+
+    name = "gemm-bn"
+    ops = ("Gemm",)
+
+    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+        p = m.producer
+        reason = (
+            self._common(m, g)
+            or _weight(g, p, 1, "B")
+            or _optional_const(g, p, 2)
+            or _float_weight(g, p.input[1])
+        )
+        if reason:
+            return reason
+        b = g.const(p.input[1])
+        if b.ndim != 2:
+            return "Gemm B is not 2-D"
+        n = b.shape[0] if attr(p, "transB", 0) else b.shape[1]
+        return _channels_mismatch(m.norm, n, "Gemm output")
+
+    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
+        p = m.producer
+        b = g.const(p.input[1])
+        trans_b = int(attr(p, "transB", 0))
+        n = b.shape[0] if trans_b else b.shape[1]
+        aff = _affine_n(m.norm, n)
+        out_axis = 0 if trans_b else 1
+        w2, _ = fold_backward(b, None, aff, channel_map(b.shape, (out_axis,)))
+        beta = float(attr(p, "beta", 1.0))
+        c = _bias(g, p, 2)
+        c2 = aff.shift if c is None else beta * c * aff.scale + aff.shift
+        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
+        like = p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1]
+        g.write_const(p, 2, np.asarray(c2), like, f"{node_label(p)}_C_bnfused")
+        set_attr(p, "beta", 1.0)
+        self._reroute(m, g)
+        return node_label(p)
+
+
+class MatMulBN(BackwardRule):
+    """x @ W (+ b) then BN on the last axis  ==  x @ (W s[n]) + (s*b + t)."""
+
+    name = "matmul-bn"
+    ops = ("MatMul", "Add")
+
+    def match(self, norm: Norm, g: Graph) -> BackwardMatch | None:
+        m = super().match(norm, g)
+        if m is None:
+            return None
+        if m.producer.op_type == "Add":
+            add = m.producer
+            for i in (0, 1):
+                mm = g.producer.get(add.input[i])
+                if mm is not None and mm.op_type == "MatMul" and not g.const_reason(add.input[1 - i]):
+                    return BackwardMatch(norm, mm, add)
+            return None
+        return m
+
+    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+        p = m.producer
+        reason = self._common(m, g)
+        if reason:
+            return reason
+        if m.add is not None:
+            reason = g.intermediate_reason(p.output[0], "MatMul")
+            if reason:
+                return reason
+        reason = _weight(g, p, 1) or _float_weight(g, p.input[1])
+        if reason:
+            return reason
+        w = g.const(p.input[1])
+        if w.ndim != 2:
+            return f"MatMul weight is {w.ndim}-D, not 2-D"
+        rank = g.rank(m.norm.input)
+        if rank is None:
+            return "cannot prove the MatMul output rank (no shape information)"
+        if rank != 2:
+            return (
+                f"{m.norm.kind} normalizes axis 1 of a rank-{rank} MatMul output, "
+                "but the MatMul weight indexes the last axis"
+            )
+        reason = _channels_mismatch(m.norm, w.shape[1], "MatMul output")
+        if reason:
+            return reason
+        if m.add is not None:
+            b = g.const(self._bias_name(m))
+            if b.ndim > 2 or (b.size not in (1, w.shape[1])) or (b.ndim == 2 and b.shape[0] != 1):
+                return f"Add bias of shape {list(b.shape)} is not per output channel"
+        return None
+
+    @staticmethod
+    def _bias_name(m: BackwardMatch) -> str:
+        assert m.add is not None
+        return m.add.input[1] if m.add.input[0] == m.producer.output[0] else m.add.input[0]
+
+    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
+        p = m.producer
+        w = g.const(p.input[1])
+        n = w.shape[1]
+        aff = _affine_n(m.norm, n)
+        bias = None
+        if m.add is not None:
+            bias = np.broadcast_to(g.const(self._bias_name(m)).astype(np.float64).reshape(-1), (n,))
+        w2, b2 = fold_backward(w, bias, aff, channel_map(w.shape, (1,)))
+        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
+        if m.add is not None:
+            slot = 1 if m.add.input[0] == p.output[0] else 0
+            g.write_const(m.add, slot, b2, m.add.input[slot], f"{node_label(m.add)}_bias_bnfused")
+        elif np.any(b2 != 0):
+            bias_name = g.names.new(f"{node_label(p)}_bias_bnfused")
+            from onnx import numpy_helper
+
+            from bnfuse.fold import round_to
+
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(g.const_dtype(p.input[1]))
+            g.g.initializer.append(numpy_helper.from_array(round_to(b2, np_dtype), bias_name))
+            g.inits[bias_name] = g.g.initializer[-1]
+            mid = g.names.new(f"{p.output[0]}_matmul")
+            add = onnx.helper.make_node(
+                "Add", [mid, bias_name], [p.output[0]], name=g.names.new(f"{node_label(p)}_bias_add")
+            )
+            p.output[0] = mid
+            g.insert_after(p, add)
+            m = BackwardMatch(m.norm, p, add)
+        self._reroute(m, g)
+        return node_label(p)
+
+
+BACKWARD_RULES: tuple[BackwardRule, ...] = (ConvBN(), ConvTransposeBN(), GemmBN(), MatMulBN())
+
+
+# ---------------------------------------------------------------------------------------
+# Forward rules: the normalization, then a linear consumer
+# ---------------------------------------------------------------------------------------
+
+PAD_REASON = "zero padding after BN: fold would change the borders"
+
+
+@dataclass
+class ForwardTarget:
+    node: onnx.NodeProto  # the linear consumer
+    via: onnx.NodeProto | None = None  # Flatten / Reshape in between
+    expand: int = 1  # per-channel values repeat this many times after flattening
+    scale_only: bool = False
+
+
+class ForwardRule:
+    """Fold a normalization into every linear consumer of its output."""
+
+    name = ""
+    doc = ""
+
+    def target(self, norm: Norm, consumer: onnx.NodeProto, g: Graph) -> ForwardTarget | str | None:
+        """A target for this consumer, a refusal reason, or None when the rule does not apply."""
+        raise NotImplementedError
+
+    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph) -> None:
+        raise NotImplementedError
+
+
+class BNConv(ForwardRule):
+    """BN then Conv without padding: Conv(s*x + t) == Conv_{W s[i]}(x) + sum W t[i]."""
+
+    name = "bn-conv"
+
+    def target(self, norm: Norm, c: onnx.NodeProto, g: Graph) -> ForwardTarget | str | None:
+        if c.op_type not in ("Conv", "ConvTranspose") or c.domain not in ("", "ai.onnx"):
+            return None
+        if c.input[0] != norm.output or list(c.input).count(norm.output) != 1:
+            return f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as a weight"
+        reason = _weight(g, c, 1) or _optional_const(g, c, 2) or _float_weight(g, c.input[1])
+        if reason:
+            return reason
+        w = g.const(c.input[1])
+        groups = _conv_groups(c)
+        cin = w.shape[1] * groups if c.op_type == "Conv" else w.shape[0]
+        reason = _channels_mismatch(norm, cin, f"{c.op_type} input")
+        if reason:
+            return reason
+        shift_zero = bool(np.all(norm.affine.shift == 0))
+        if c.op_type == "ConvTranspose" and not shift_zero:
+            return (
+                "BN shift before ConvTranspose: a transposed convolution spreads a constant "
+                "unevenly at the borders (only a pure scale folds)"
+            )
+        if _zero_padding(c) and not shift_zero:
+            return PAD_REASON
+        return ForwardTarget(c, scale_only=shift_zero)
+
+    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph) -> None:
+        c = t.node
+        w = g.const(c.input[1])
+        groups = _conv_groups(c)
+        if c.op_type == "Conv":
+            cout = w.shape[0]
+            aff = _affine_n(norm, w.shape[1] * groups)
+            in_map = _conv_in_map(w.shape, groups)
+            out_map = channel_map(w.shape, (0,))
+        else:
+            cout = w.shape[1] * groups
+            aff = _affine_n(norm, w.shape[0])
+            in_map = _transpose_in_map(w.shape, groups)
+            out_map = _transpose_out_map(w.shape, groups)
+        w2, b2 = fold_forward(w, _bias(g, c, 2), aff, in_map, out_map, cout)
+        g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
+        has_bias = len(c.input) > 2 and bool(c.input[2])
+        if has_bias or np.any(b2 != 0):
+            g.write_const(c, 2, b2, c.input[2] if has_bias else c.input[1],
+                          f"{node_label(c)}_bias_bnfused")
+
+
+class BNGemm(ForwardRule):
+    """BN then Gemm/MatMul (optionally via Flatten): rows of the weight scale by s; bias += t·W."""
+
+    name = "bn-gemm"
+
+    def target(self, norm: Norm, c: onnx.NodeProto, g: Graph) -> ForwardTarget | str | None:
+        via = None
+        expand = 1
+        if c.op_type in ("Flatten", "Reshape") and c.domain in ("", "ai.onnx"):
+            via = c
+            reason_or_expand = self._flatten_expand(norm, c, g)
+            if isinstance(reason_or_expand, str):
+                return reason_or_expand
+            expand = reason_or_expand
+            nxt = g.only_consumer(c.output[0])
+            if nxt is None:
+                return f"{c.op_type} output has several consumers"
+            c = nxt
+        if c.op_type not in ("Gemm", "MatMul") or c.domain not in ("", "ai.onnx"):
+            return None if via is None else f"{via.op_type} is followed by {c.op_type}, not Gemm/MatMul"
+        src = via.output[0] if via is not None else norm.output
+        if c.input[0] != src or list(c.input).count(src) != 1:
+            return f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as its weight"
+        if c.op_type == "Gemm" and attr(c, "transA", 0):
+            return "Gemm transposes its input (transA=1): BN channel axis is not the reduced axis"
+        reason = _weight(g, c, 1) or _float_weight(g, c.input[1])
+        if c.op_type == "Gemm":
+            reason = reason or _optional_const(g, c, 2)
+        if reason:
+            return reason
+        w = g.const(c.input[1])
+        if w.ndim != 2:
+            return f"{c.op_type} weight is not 2-D"
+        if via is None:
+            rank = g.rank(norm.input)
+            if rank is None:
+                return f"cannot prove the rank of the {c.op_type} input (no shape information)"
+            if rank != 2:
+                return (
+                    f"{norm.kind} normalizes axis 1 of a rank-{rank} tensor but {c.op_type} "
+                    "reduces over the last axis"
+                )
+        k = w.shape[1] if (c.op_type == "Gemm" and attr(c, "transB", 0)) else w.shape[0]
+        if norm.channels * expand != k and norm.channels != 1:
+            return f"{norm.kind} has {norm.channels}x{expand} features but {c.op_type} takes {k}"
+        if c.op_type == "MatMul":
+            add = g.only_consumer(c.output[0])
+            if add is not None and add.op_type == "Add":
+                pass  # bias merged in rewrite when constant
+        return ForwardTarget(c, via=via, expand=expand)
+
+    @staticmethod
+    def _flatten_expand(norm: Norm, c: onnx.NodeProto, g: Graph) -> int | str:
+        shape = g.shapes.get(norm.input)
+        if shape is None or any(not isinstance(d, int) for d in shape[1:]):
+            return f"cannot prove the {c.op_type} feature order (unknown input shape)"
+        spatial = int(np.prod([int(d) for d in shape[2:]])) if len(shape) > 2 else 1
+        if c.op_type == "Flatten":
+            if int(attr(c, "axis", 1)) != 1:
+                return "Flatten axis is not 1"
+            return spatial
+        # Reshape: must produce [N, C*spatial]
+        if g.const_reason(c.input[1]):
+            return "Reshape shape is not a constant"
+        target = [int(v) for v in g.const(c.input[1]).reshape(-1)]
+        feat = int(shape[1]) * spatial  # type: ignore[arg-type]
+        if len(target) != 2 or target[1] not in (-1, feat) or target[0] not in (0, -1, shape[0]):
+            return f"Reshape to {target} is not a provable flatten"
+        if target[0] == -1 and target[1] != feat:
+            return f"Reshape to {target} is not a provable flatten"
+        return spatial
+
+    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph) -> None:
+        c = t.node
+        w = g.const(c.input[1])
+        trans_b = c.op_type == "Gemm" and int(attr(c, "transB", 0))
+        in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+        k, n = w.shape[in_axis], w.shape[out_axis]
+        aff = _affine_n(norm, k // t.expand)
+        if t.expand > 1:
+            aff = Affine(np.repeat(aff.scale, t.expand), np.repeat(aff.shift, t.expand))
+        w2, tw = fold_forward(
+            w, None, aff, channel_map(w.shape, (in_axis,)), channel_map(w.shape, (out_axis,)), n
+        )
+        g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
+        if c.op_type == "Gemm":
+            alpha = float(attr(c, "alpha", 1.0))
+            beta = float(attr(c, "beta", 1.0))
+            cb = _bias(g, c, 2)
+            c2 = alpha * tw if cb is None else beta * cb + alpha * tw
+            if cb is not None or np.any(c2 != 0):
+                like = c.input[2] if len(c.input) > 2 and c.input[2] else c.input[1]
+                g.write_const(c, 2, np.asarray(c2), like, f"{node_label(c)}_C_bnfused")
+                set_attr(c, "beta", 1.0)
+            return
+        if not np.any(tw != 0):
+            return
+        add = g.only_consumer(c.output[0])
+        if add is not None and add.op_type == "Add":
+            slot = 1 if add.input[0] == c.output[0] else 0
+            bname = add.input[slot]
+            if not g.const_reason(bname):
+                b = g.const(bname)
+                if b.ndim <= 1 or (b.ndim == 2 and b.shape[0] == 1):
+                    if b.size in (1, n):
+                        b64 = np.broadcast_to(b.astype(np.float64).reshape(-1), (n,)) + tw
+                        g.write_const(add, slot, b64.reshape(b.shape if b.size == n else (n,)),
+                                      bname, f"{node_label(add)}_bias_bnfused")
+                        return
+        from onnx import numpy_helper
+
+        from bnfuse.fold import round_to
+
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(g.const_dtype(c.input[1]))
+        bias_name = g.names.new(f"{node_label(c)}_bias_bnfused")
+        g.g.initializer.append(numpy_helper.from_array(round_to(tw, np_dtype), bias_name))
+        g.inits[bias_name] = g.g.initializer[-1]
+        mid = g.names.new(f"{c.output[0]}_matmul")
+        new_add = onnx.helper.make_node(
+            "Add", [mid, bias_name], [c.output[0]], name=g.names.new(f"{node_label(c)}_bias_add")
+        )
+        c.output[0] = mid
+        g.insert_after(c, new_add)
+
+
+FORWARD_RULES: tuple[ForwardRule, ...] = (BNConv(), BNGemm())
+
+_ = check_affine  # re-exported for rule authors
