@@ -77,6 +77,14 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, "g", self.inputs, self.outputs, self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         m.ir_version = ir_version or min(m.ir_version, 10)
+        try:  # give outputs declared without a shape the inferred one
+            inferred = onnx.shape_inference.infer_shapes(m)
+            known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+            for out in m.graph.output:
+                if not out.type.tensor_type.HasField("shape") and out.name in known:
+                    out.type.CopyFrom(known[out.name].type)
+        except Exception:
+            pass
         return m
 
 

@@ -281,12 +281,12 @@ class Graph:
             self.g.initializer.extend(keep)
             self.reindex()
 
-    def insert_after(self, anchor: onnx.NodeProto, new: onnx.NodeProto) -> None:
-        """Insert ``new`` right after ``anchor`` (keeps the node list topologically sorted)."""
+    def insert_after(self, anchor: onnx.NodeProto, new: onnx.NodeProto) -> onnx.NodeProto:
+        """Insert a copy of ``new`` right after ``anchor``; return the stored node."""
         for i, n in enumerate(self.g.node):
             if n is anchor:
                 self.g.node.insert(i + 1, new)
-                return
+                return self.g.node[i + 1]
         raise ValueError("anchor not in graph")
 
 

@@ -393,8 +393,7 @@ class MatMulBN(BackwardRule):
                 "Add", [mid, bias_name], [p.output[0]], name=g.names.new(f"{node_label(p)}_bias_add")
             )
             p.output[0] = mid
-            g.insert_after(p, add)
-            m = BackwardMatch(m.norm, p, add)
+            m = BackwardMatch(m.norm, p, g.insert_after(p, add))
         self._reroute(m, g)
         return node_label(p)
 
