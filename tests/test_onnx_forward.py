@@ -1,0 +1,182 @@
+"""Forward folds (BN -> linear layer) on ONNX graphs (issue: BN after the activation,
+BN as the first layer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx_util import GraphBuilder, assert_close, count_ops
+
+from bnfuse.backend import FuseOptions
+from bnfuse.onnx.backend import OnnxBackend
+from bnfuse.onnx.rules import PAD_REASON
+
+
+def fuse(model: onnx.ModelProto, **opts: object):
+    res = OnnxBackend().fuse(model, FuseOptions(**opts))  # type: ignore[arg-type]
+    onnx.checker.check_model(res.model, full_check=True)
+    return res
+
+
+def folded(model: onnx.ModelProto, n: int, direction: str = "forward"):
+    res = fuse(model)
+    assert len(res.folds) == n, res.refusals
+    assert all(f.direction == direction for f in res.folds)
+    assert count_ops(res.model, "BatchNormalization") == 0
+    assert_close(model, res.model)
+    return res
+
+
+@pytest.mark.parametrize("op", ["Gemm", "GemmT", "MatMul", "MatMulAdd"])
+def test_bn_then_dense(op: str) -> None:
+    b = GraphBuilder(seed=1)
+    x = b.input("x", ["N", 5])
+    y = b.bn(x, 5, name="bn")  # first layer: standardizes the inputs
+    if op == "Gemm":
+        y = b.node("Gemm", [y, b.weight([5, 3]), b.const(np.ones(3, np.float32))], alpha=0.5, beta=2.0)
+    elif op == "GemmT":
+        y = b.node("Gemm", [y, b.weight([3, 5])], transB=1)
+    else:
+        y = b.node("MatMul", [y, b.weight([5, 3])])
+        if op == "MatMulAdd":
+            y = b.node("Add", [y, b.const(np.ones(3, np.float32))])
+    b.output(y)
+    res = folded(b.model(), 1)
+    assert res.folds[0].bn == "bn"
+
+
+@pytest.mark.parametrize("via", ["Flatten", "Reshape"])
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_bn_flatten_dense(via: str, op: str) -> None:
+    b = GraphBuilder(seed=2)
+    x = b.input("x", ["N", 3, 4, 5])
+    y = b.bn(x, 3)
+    if via == "Flatten":
+        y = b.node("Flatten", [y], axis=1)
+    else:
+        y = b.node("Reshape", [y, b.const(np.array([0, -1], np.int64))])
+    y = b.node(op, [y, b.weight([60, 7])])
+    b.output(y)
+    folded(b.model(), 1)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_bn_then_conv_valid(group: int) -> None:
+    b = GraphBuilder(seed=3)
+    x = b.input("x", ["N", 4, 7, 7])
+    y = b.node("Relu", [x])
+    y = b.bn(y, 4)
+    y = b.conv(y, 4, 6, [3, 3], group=group, strides=[2, 2])
+    b.output(y)
+    folded(b.model(), 1)
+
+
+def test_bn_then_padded_conv_refused() -> None:
+    b = GraphBuilder(seed=4)
+    x = b.input("x", ["N", 4, 7, 7])
+    y = b.bn(b.node("Relu", [x]), 4, name="bn")
+    y = b.conv(y, 4, 6, [3, 3], pads=[1, 1, 1, 1])
+    b.output(y)
+    res = fuse(b.model())
+    assert not res.folds
+    assert res.refusals[0].reason == PAD_REASON
+
+
+def test_scale_only_bn_then_padded_conv_folds() -> None:
+    b = GraphBuilder(seed=5)
+    x = b.input("x", ["N", 4, 7, 7])
+    r = b.node("Relu", [x])
+    gamma, var = b.r.uniform(0.5, 2, 4), b.r.uniform(0.5, 2, 4)
+    mean = np.zeros(4)
+    beta = np.zeros(4)  # t = beta - s*mean = 0
+    p = [b.const(v.astype(np.float32)) for v in (gamma, beta, mean, var)]
+    y = b.node("BatchNormalization", [r, *p], name="bn")
+    y = b.conv(y, 4, 6, [3, 3], pads=[1, 1, 1, 1])
+    b.output(y)
+    res = folded(b.model(), 1)
+    assert "scale only" in res.folds[0].detail
+
+
+def test_chain_backward_then_forward() -> None:
+    # Conv -> BN -> ReLU -> BN -> Conv: the first folds backward, the second forward.
+    b = GraphBuilder(seed=6)
+    x = b.input("x", ["N", 3, 8, 8])
+    y = b.conv(x, 3, 4, [3, 3])
+    y = b.bn(y, 4, name="bn1")
+    y = b.node("Relu", [y])
+    y = b.bn(y, 4, name="bn2")
+    y = b.conv(y, 4, 5, [3, 3])
+    b.output(y)
+    res = fuse(b.model())
+    dirs = {f.bn: f.direction for f in res.folds}
+    assert dirs == {"bn1": "backward", "bn2": "forward"}
+    assert_close(b.model(), res.model)
+
+
+def test_mlp_three_bns() -> None:
+    # Input -> BN -> Flatten -> Dense -> ReLU -> BN -> Dense -> ReLU -> BN -> Dense
+    b = GraphBuilder(seed=7)
+    x = b.input("x", ["N", 2, 3, 3])
+    y = b.bn(x, 2, name="bn_in")
+    y = b.node("Flatten", [y])
+    y = b.node("Gemm", [y, b.weight([18, 8]), b.const(np.zeros(8, np.float32))])
+    y = b.node("Relu", [y])
+    y = b.bn(y, 8, name="bn_mid")
+    y = b.node("Gemm", [y, b.weight([8, 6]), b.const(np.zeros(6, np.float32))])
+    y = b.node("Relu", [y])
+    y = b.bn(y, 6, name="bn_last")
+    y = b.node("Gemm", [y, b.weight([6, 3])])
+    b.output(y)
+    res = folded(b.model(), 3)
+    assert {f.bn for f in res.folds} == {"bn_in", "bn_mid", "bn_last"}
+
+
+def test_several_consumers_all_linear_fold() -> None:
+    b = GraphBuilder(seed=8)
+    x = b.input("x", ["N", 5])
+    y = b.bn(b.node("Relu", [x]), 5)
+    b.output(b.node("Gemm", [y, b.weight([5, 3])]))
+    b.output(b.node("MatMul", [y, b.weight([5, 2])]))
+    res = folded(b.model(), 1)
+    assert "," in res.folds[0].into
+
+
+def test_several_consumers_one_not_linear_refused() -> None:
+    b = GraphBuilder(seed=9)
+    x = b.input("x", ["N", 5])
+    y = b.bn(b.node("Relu", [x]), 5, name="bn")
+    b.output(b.node("Gemm", [y, b.weight([5, 3])]))
+    b.output(b.node("Relu", [y]))
+    res = fuse(b.model())
+    assert not res.folds
+    assert "cannot absorb it" in res.refusals[0].reason
+
+
+def test_bn_before_conv_transpose_needs_zero_shift() -> None:
+    b = GraphBuilder(seed=10)
+    x = b.input("x", ["N", 4, 5, 5])
+    y = b.bn(b.node("Relu", [x]), 4, name="bn")
+    y = b.node("ConvTranspose", [y, b.weight([4, 3, 3, 3])])
+    b.output(y)
+    res = fuse(b.model())
+    assert not res.folds
+    assert "ConvTranspose" in res.refusals[0].reason
+
+
+def test_no_forward_option() -> None:
+    b = GraphBuilder(seed=11)
+    x = b.input("x", ["N", 5])
+    y = b.bn(x, 5)
+    b.output(b.node("Gemm", [y, b.weight([5, 3])]))
+    assert not fuse(b.model(), forward=False).folds
+
+
+def test_bn_rank3_before_matmul_refused() -> None:
+    b = GraphBuilder(seed=12)
+    x = b.input("x", [2, 5, 4])
+    y = b.bn(x, 5, name="bn")
+    b.output(b.node("MatMul", [y, b.weight([4, 3])]))
+    res = fuse(b.model())
+    assert not res.folds
+    assert "rank-3" in res.refusals[0].reason
