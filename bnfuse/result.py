@@ -65,7 +65,14 @@ class ModelStats:
 
 @dataclass(frozen=True)
 class OutputMetrics:
-    """Agreement of one output between the original and the fused model."""
+    """Agreement of one output between the original and the fused model.
+
+    Errors are computed in float64 over every sample. An element passes when
+    ``|fused - ref| <= atol + rtol*|ref|`` (identical non-finite values pass; a non-finite
+    value where the other side differs fails). ``max_rel_error`` is taken over elements with
+    ``|ref| > atol`` (smaller ones are judged by the absolute term). ``inf`` means a
+    non-finite mismatch; JSON writes non-finite numbers as null.
+    """
 
     name: str
     max_abs_error: float
@@ -77,6 +84,12 @@ class OutputMetrics:
     rtol: float
     atol: float
     passed: bool
+    dtype: str = ""  # the reference output's dtype, e.g. "float32"
+    shape: tuple[int, ...] = ()  # the reference output's shape (first sample)
+    elements: int = 0  # elements compared, over all samples
+    mismatches: int = 0  # elements outside tolerance
+    reason: str = ""  # why the output failed ("" when it passed)
+    fused_name: str = ""  # the fused model's name for this output, when it differs
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class LatencyStats:
     std_ms: float
     runs: int
     throughput: float  # samples per second at this batch size
+    min_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,7 @@ class BenchResult:
     threads: int
     machine: dict[str, Any]
     notes: tuple[str, ...] = ()
+    seconds: float = 0.0  # the time budget of the interleaved loops, all rows together
 
 
 class _Encoder:
