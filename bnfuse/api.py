@@ -291,7 +291,11 @@ def fuse(
         )
 
     if validation is not None and not validation.passed and not force:
-        blamed = f"; responsible fold(s): {', '.join(validation.culprits)}" if validation.culprits else ""
+        blamed = (
+            f"; responsible fold(s): {', '.join(validation.culprits)}"
+            if validation.culprits
+            else ""
+        )
         raise ValidationError(
             f"validation failed: fused outputs differ from the original{blamed}; "
             "nothing was written (use --rollback to drop those folds, --force to write anyway)",
@@ -301,9 +305,7 @@ def fuse(
     if out_path is not None and not dry_run:
         _report(progress, "writing", 0, None)
         backend.save(passed.model, out_path)
-        result = _replace(
-            result, written=True, after=backend.stats(passed.model, out_path)
-        )
+        result = _replace(result, written=True, after=backend.stats(passed.model, out_path))
     return result
 
 
@@ -362,4 +364,3 @@ def _replace(obj: Any, **changes: Any) -> Any:
 def _report(progress: Progress | None, what: str, done: float, total: float | None) -> None:
     if progress is not None:
         progress(what, done, total)
-

@@ -139,7 +139,9 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     interrupted write never leaves a partial output behind.
     """
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=f".bnfuse-tmp{dest.suffix}", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{dest.name}.", suffix=f".bnfuse-tmp{dest.suffix}", dir=dest.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp)
     try:

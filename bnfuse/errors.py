@@ -69,7 +69,7 @@ class MissingDependencyError(BnfuseError):
 
     def __init__(self, package: str, extra: str) -> None:
         super().__init__(
-            f"{package} is not installed; install it with: pip install \"bnfuse[{extra}]\""
+            f'{package} is not installed; install it with: pip install "bnfuse[{extra}]"'
         )
         self.package = package
         self.extra = extra

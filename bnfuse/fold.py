@@ -31,9 +31,9 @@ __all__ = [
     "bn_affine",
     "channel_map",
     "check_affine",
+    "check_bn",
     "fold_backward",
     "fold_forward",
-    "check_bn",
     "round_to",
 ]
 

@@ -55,7 +55,9 @@ class GraphBuilder:
     def weight(self, shape: Sequence[int], base: str = "W", scale: float = 0.5) -> str:
         return self.const((self.r.normal(0, scale, shape)).astype(self.np_dtype), base)
 
-    def node(self, op: str, inputs: Sequence[str], n_out: int = 1, name: str | None = None, **attrs: Any) -> str:
+    def node(
+        self, op: str, inputs: Sequence[str], n_out: int = 1, name: str | None = None, **attrs: Any
+    ) -> str:
         nm = name or self.name(op.lower())
         outs = [f"{nm}_out"] + [f"{nm}_out{i}" for i in range(1, n_out)]
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=nm, **attrs))
@@ -63,14 +65,29 @@ class GraphBuilder:
 
     def bn(self, x: str, c: int, eps: float = 1e-5, name: str | None = None, **attrs: Any) -> str:
         params = [self.const(p.astype(self.np_dtype), "bnp") for p in bn_params(c, self.r)]
-        return self.node("BatchNormalization", [x, *params], name=name or self.name("bn"), epsilon=eps, **attrs)
+        return self.node(
+            "BatchNormalization", [x, *params], name=name or self.name("bn"), epsilon=eps, **attrs
+        )
 
-    def conv(self, x: str, cin: int, cout: int, k: Sequence[int], group: int = 1, bias: bool = True, **attrs: Any) -> str:
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: Sequence[int],
+        group: int = 1,
+        bias: bool = True,
+        **attrs: Any,
+    ) -> str:
         w = self.weight([cout, cin // group, *k])
-        ins = [x, w] + ([self.const(self.r.normal(0, 1, cout).astype(self.np_dtype), "b")] if bias else [])
+        ins = [x, w] + (
+            [self.const(self.r.normal(0, 1, cout).astype(self.np_dtype), "b")] if bias else []
+        )
         return self.node("Conv", ins, group=group, **attrs)
 
-    def output(self, name: str, shape: Sequence[int | str | None] | None = None, dtype: int | None = None) -> None:
+    def output(
+        self, name: str, shape: Sequence[int | str | None] | None = None, dtype: int | None = None
+    ) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, dtype or self.dtype, shape))
 
     def model(self, opset: int = 17, ir_version: int | None = None) -> onnx.ModelProto:
@@ -79,7 +96,9 @@ class GraphBuilder:
         m.ir_version = ir_version or min(m.ir_version, 10)
         try:  # give outputs declared without a shape the inferred one
             inferred = onnx.shape_inference.infer_shapes(m)
-            known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+            known = {
+                v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+            }
             for out in m.graph.output:
                 if not out.type.tensor_type.HasField("shape") and out.name in known:
                     out.type.CopyFrom(known[out.name].type)
@@ -117,7 +136,9 @@ def count_ops(model: onnx.ModelProto, op: str) -> int:
     return sum(n.op_type == op for n in model.graph.node)
 
 
-def assert_close(a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1e-4, atol: float = 1e-5, seed: int = 1) -> None:
+def assert_close(
+    a: onnx.ModelProto, b: onnx.ModelProto, rtol: float = 1e-4, atol: float = 1e-5, seed: int = 1
+) -> None:
     feeds = random_feeds(a, seed)
     ra, rb = ort_run(a, feeds), ort_run(b, feeds)
     assert len(ra) == len(rb)

@@ -49,7 +49,9 @@ def test_fuse_path_writes_atomically(tmp_path: Path) -> None:
     res = bnfuse.fuse(src, out)
     assert res.written and out.exists()
     assert res.after.file_size == out.stat().st_size
-    assert [p.name for p in tmp_path.iterdir()] == sorted(["m.onnx", "f.onnx"], key=lambda n: n) or True
+    assert [p.name for p in tmp_path.iterdir()] == sorted(
+        ["m.onnx", "f.onnx"], key=lambda n: n
+    ) or True
     assert not list(tmp_path.glob(".*bnfuse-tmp*"))
     onnx.checker.check_model(onnx.load(out), full_check=True)
 

@@ -134,7 +134,9 @@ def test_python_m_bnfuse_and_help(tmp_path: Path) -> None:
     src = make_model(tmp_path / "m.onnx")
     r = subprocess.run(
         [sys.executable, "-m", "bnfuse", str(src), "--json", "--no-validate"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["folds"][0]["bn"] == "bn1"

@@ -164,7 +164,7 @@ def test_fp16_and_fp64_models(dtype: int) -> None:
     m = b.model()
     res = fuse(m)
     assert len(res.folds) == 1
-    w = [i for i in res.model.graph.initializer if i.name.startswith("W")][0]
+    w = next(i for i in res.model.graph.initializer if i.name.startswith("W"))
     assert w.data_type == dtype
     tol = 2e-2 if dtype == TensorProto.FLOAT16 else 1e-10
     assert_close(m, res.model, rtol=tol, atol=tol)
@@ -186,9 +186,11 @@ def test_bfloat16_weights_round_once() -> None:
     new = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer}
     conv = m.graph.node[0]
     bn = m.graph.node[1]
-    gamma, beta, mean, var = (inits[n].astype(np.float64) for n in bn.input[1:5])
+    gamma, _beta, _mean, var = (inits[n].astype(np.float64) for n in bn.input[1:5])
     s = gamma / np.sqrt(var + 1e-5)
-    expect = (inits[conv.input[1]].astype(np.float64) * s[:, None, None, None]).astype(ml_dtypes.bfloat16)
+    expect = (inits[conv.input[1]].astype(np.float64) * s[:, None, None, None]).astype(
+        ml_dtypes.bfloat16
+    )
     got = new[res.model.graph.node[0].input[1]]
     assert got.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(got.astype(np.float32), expect.astype(np.float32))
@@ -199,7 +201,12 @@ def test_fp16_overflow_refused() -> None:
     x = b.input("x", ["N", 2, 4, 4])
     w = b.const(np.full((2, 2, 1, 1), 60000, np.float16))
     y = b.node("Conv", [x, w])
-    params = [np.array([4, 4], np.float16), np.zeros(2, np.float16), np.zeros(2, np.float16), np.ones(2, np.float16)]
+    params = [
+        np.array([4, 4], np.float16),
+        np.zeros(2, np.float16),
+        np.zeros(2, np.float16),
+        np.ones(2, np.float16),
+    ]
     y = b.node("BatchNormalization", [y] + [b.const(p) for p in params])
     b.output(y)
     res = fuse(b.model())
@@ -220,7 +227,7 @@ def test_shared_weight_is_copied_not_mutated() -> None:
     res = fuse(m)
     assert len(res.folds) == 1
     inits = {i.name: i for i in res.model.graph.initializer}
-    assert w in inits and inits[w] == [i for i in m.graph.initializer if i.name == w][0]
+    assert w in inits and inits[w] == next(i for i in m.graph.initializer if i.name == w)
     conv1, conv2 = res.model.graph.node
     assert conv2.input[1] == w
     assert conv1.input[1] != w and conv1.input[1].startswith(w)

@@ -34,7 +34,9 @@ def test_bn_then_dense(op: str) -> None:
     x = b.input("x", ["N", 5])
     y = b.bn(x, 5, name="bn")  # first layer: standardizes the inputs
     if op == "Gemm":
-        y = b.node("Gemm", [y, b.weight([5, 3]), b.const(np.ones(3, np.float32))], alpha=0.5, beta=2.0)
+        y = b.node(
+            "Gemm", [y, b.weight([5, 3]), b.const(np.ones(3, np.float32))], alpha=0.5, beta=2.0
+        )
     elif op == "GemmT":
         y = b.node("Gemm", [y, b.weight([3, 5])], transB=1)
     else:

@@ -58,7 +58,7 @@ def test_weight_is_graph_input() -> None:
 
 
 def test_initializer_listed_as_graph_input_is_overridable() -> None:
-    b, c, y = conv_bn(seed=2)
+    b, _c, y = conv_bn(seed=2)
     b.output(y, ["N", 4, 4, 4])
     m = b.model(ir_version=4)
     w = m.graph.node[0].input[1]
@@ -82,7 +82,7 @@ def test_bn_param_not_constant() -> None:
 
 
 def test_training_mode() -> None:
-    b, c, y = conv_bn(seed=4, training_mode=1)
+    b, _c, y = conv_bn(seed=4, training_mode=1)
     b.output(y, ["N", 4, 4, 4])
     assert "training mode (training_mode=1)" in only_refusal(fuse(b.model(), check=False))
 
@@ -91,8 +91,20 @@ def test_optional_outputs_used() -> None:
     b = GraphBuilder(seed=5)
     x = b.input("x", ["N", 3, 6, 6])
     c = b.conv(x, 3, 4, [3, 3])
-    p = [b.const(v) for v in (np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32))]
-    b.nodes.append(helper.make_node("BatchNormalization", [c, *p], ["y", "rm", "rv"], name="bn", training_mode=1))
+    p = [
+        b.const(v)
+        for v in (
+            np.ones(4, np.float32),
+            np.zeros(4, np.float32),
+            np.zeros(4, np.float32),
+            np.ones(4, np.float32),
+        )
+    ]
+    b.nodes.append(
+        helper.make_node(
+            "BatchNormalization", [c, *p], ["y", "rm", "rv"], name="bn", training_mode=1
+        )
+    )
     b.output("y")
     b.output("rm")
     b.output("rv")
@@ -135,21 +147,21 @@ def test_channel_count_mismatch_refused() -> None:
     y = b.bn(c, 4, name="bn")
     b.output(y)
     m = b.model()
-    conv_w = [i for i in m.graph.initializer if i.name == m.graph.node[0].input[1]][0]
+    conv_w = next(i for i in m.graph.initializer if i.name == m.graph.node[0].input[1])
     conv_w.CopyFrom(onnx.numpy_helper.from_array(np.ones((5, 3, 3, 3), np.float32), conv_w.name))
-    bias = [i for i in m.graph.initializer if i.name == m.graph.node[0].input[2]][0]
+    bias = next(i for i in m.graph.initializer if i.name == m.graph.node[0].input[2])
     bias.CopyFrom(onnx.numpy_helper.from_array(np.ones(5, np.float32), bias.name))
     assert "has 4 channels but Conv output has 5" in only_refusal(fuse(m, check=False))
 
 
 def test_excluded_bn_stays() -> None:
-    b, c, y = conv_bn(seed=9)
+    b, _c, y = conv_bn(seed=9)
     b.output(y)
     assert only_refusal(fuse(b.model(), exclude=frozenset({"bn"}))) == "excluded (rolled back)"
 
 
 def test_skip_rule() -> None:
-    b, c, y = conv_bn(seed=10)
+    b, _c, y = conv_bn(seed=10)
     b.output(y)
     m = b.model()
     res = fuse(m, skip_rules=frozenset({"conv-bn"}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,12 +150,16 @@ class OnnxBackend:
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+            raise ModelLoadError(
+                f"{path}: not a readable ONNX model ({_first_line(exc)})"
+            ) from None
         self._check_model(model, path)
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
-            raise ModelLoadError(f"{path}: cannot read external data ({_first_line(exc)})") from None
+            raise ModelLoadError(
+                f"{path}: cannot read external data ({_first_line(exc)})"
+            ) from None
         return model
 
     def _check_model(self, model: onnx.ModelProto, path: Path | None) -> None:
@@ -216,9 +219,7 @@ class OnnxBackend:
         path = Path(path)
         with atomic_path(path) as tmp:
             if model.ByteSize() > 2_000_000_000 or _has_external(model):
-                raise UnsupportedModelError(
-                    "saving models with external data is not supported yet"
-                )
+                raise UnsupportedModelError("saving models with external data is not supported yet")
             tmp.write_bytes(model.SerializeToString())
 
 
@@ -243,9 +244,7 @@ def _session_factory(
 
 
 def _has_external(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
-    )
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _external_files(model: onnx.ModelProto) -> set[str]:
@@ -268,6 +267,3 @@ def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
-_ = time

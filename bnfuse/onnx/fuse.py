@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import onnx
 
 from bnfuse.backend import FuseOptions, PassResult
@@ -66,9 +65,7 @@ def fuse_model(model: onnx.ModelProto, options: FuseOptions) -> PassResult:
     """Fold normalizations in a copy of ``model``; the argument is not modified."""
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
-    opset = next(
-        (o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")), 0
-    )
+    opset = next((o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")), 0)
     names = NameSource(fused)
     result = PassResult(model=fused)
     shapes = _shape_map(fused)
@@ -169,9 +166,7 @@ def _try_fold(
     )
 
 
-def _try_forward(
-    norm: Norm, g: Graph, forward: list, scope: str
-) -> Fold | tuple[str, str] | None:
+def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tuple[str, str] | None:
     if norm.axis != 1:
         return None
     consumers = g.consumers.get(norm.output, [])
@@ -219,10 +214,9 @@ def _check_invariants(g: Graph, result: PassResult, scope: str) -> None:
     g.reindex()
     for node in g.g.node:
         for name in node.input:
-            if name and name not in g.producer and name not in g.inits and name not in g.input_names:
-                if g.outer is None:
-                    raise FusionInvariantError(f"tensor {name!r} lost its producer", scope=scope)
+            known = name in g.producer or name in g.inits or name in g.input_names
+            if name and not known and g.outer is None:
+                raise FusionInvariantError(f"tensor {name!r} lost its producer", scope=scope)
     for o in g.output_names:
         if o not in g.producer and o not in g.inits and o not in g.input_names and g.outer is None:
             raise FusionInvariantError(f"graph output {o!r} lost its producer", scope=scope)
-    _ = np  # numpy used by callers for typing

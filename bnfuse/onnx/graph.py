@@ -170,7 +170,11 @@ class Graph:
             return None
         prod = self.producer.get(name)
         if prod is not None:
-            if prod.op_type == "Constant" and prod.domain in ("", "ai.onnx") and _constant_value(prod):
+            if (
+                prod.op_type == "Constant"
+                and prod.domain in ("", "ai.onnx")
+                and _constant_value(prod)
+            ):
                 return None
             return f"{name!r} is computed by a {prod.op_type} node, not a constant"
         if name in self.input_names:

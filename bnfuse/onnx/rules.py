@@ -8,12 +8,13 @@ a foldable per-channel affine, its parameters are constants, it is not excluded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from bnfuse.fold import Affine, channel_map, check_affine, check_bn, fold_backward, fold_forward
+from bnfuse.fold import Affine, channel_map, check_bn, fold_backward, fold_forward
 from bnfuse.onnx.graph import Graph, attr, node_label, set_attr
 
 __all__ = ["BACKWARD_RULES", "FORWARD_RULES", "Norm", "bn_norm"]
@@ -228,8 +229,13 @@ class ConvBN(BackwardRule):
         aff = _affine_n(m.norm, w.shape[0])
         w2, b2 = fold_backward(w, _bias(g, p, 2), aff, channel_map(w.shape, (0,)))
         g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
-        g.write_const(p, 2, b2, p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
-                      f"{node_label(p)}_bias_bnfused")
+        g.write_const(
+            p,
+            2,
+            b2,
+            p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
+            f"{node_label(p)}_bias_bnfused",
+        )
         self._reroute(m, g)
         return node_label(p)
 
@@ -263,8 +269,13 @@ class ConvTransposeBN(BackwardRule):
         aff = _affine_n(m.norm, w.shape[1] * groups)
         w2, b2 = fold_backward(w, _bias(g, p, 2), aff, _transpose_out_map(w.shape, groups))
         g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
-        g.write_const(p, 2, b2, p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
-                      f"{node_label(p)}_bias_bnfused")
+        g.write_const(
+            p,
+            2,
+            b2,
+            p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
+            f"{node_label(p)}_bias_bnfused",
+        )
         self._reroute(m, g)
         return node_label(p)
 
@@ -324,7 +335,11 @@ class MatMulBN(BackwardRule):
             add = m.producer
             for i in (0, 1):
                 mm = g.producer.get(add.input[i])
-                if mm is not None and mm.op_type == "MatMul" and not g.const_reason(add.input[1 - i]):
+                if (
+                    mm is not None
+                    and mm.op_type == "MatMul"
+                    and not g.const_reason(add.input[1 - i])
+                ):
                     return BackwardMatch(norm, mm, add)
             return None
         return m
@@ -390,7 +405,10 @@ class MatMulBN(BackwardRule):
             g.inits[bias_name] = g.g.initializer[-1]
             mid = g.names.new(f"{p.output[0]}_matmul")
             add = onnx.helper.make_node(
-                "Add", [mid, bias_name], [p.output[0]], name=g.names.new(f"{node_label(p)}_bias_add")
+                "Add",
+                [mid, bias_name],
+                [p.output[0]],
+                name=g.names.new(f"{node_label(p)}_bias_add"),
             )
             p.output[0] = mid
             m = BackwardMatch(m.norm, p, g.insert_after(p, add))
@@ -477,8 +495,9 @@ class BNConv(ForwardRule):
         g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
         has_bias = len(c.input) > 2 and bool(c.input[2])
         if has_bias or np.any(b2 != 0):
-            g.write_const(c, 2, b2, c.input[2] if has_bias else c.input[1],
-                          f"{node_label(c)}_bias_bnfused")
+            g.write_const(
+                c, 2, b2, c.input[2] if has_bias else c.input[1], f"{node_label(c)}_bias_bnfused"
+            )
 
 
 class BNGemm(ForwardRule):
@@ -500,7 +519,11 @@ class BNGemm(ForwardRule):
                 return f"{c.op_type} output has several consumers"
             c = nxt
         if c.op_type not in ("Gemm", "MatMul") or c.domain not in ("", "ai.onnx"):
-            return None if via is None else f"{via.op_type} is followed by {c.op_type}, not Gemm/MatMul"
+            return (
+                None
+                if via is None
+                else f"{via.op_type} is followed by {c.op_type}, not Gemm/MatMul"
+            )
         src = via.output[0] if via is not None else norm.output
         if c.input[0] != src or list(c.input).count(src) != 1:
             return f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as its weight"
@@ -526,10 +549,6 @@ class BNGemm(ForwardRule):
         k = w.shape[1] if (c.op_type == "Gemm" and attr(c, "transB", 0)) else w.shape[0]
         if norm.channels * expand != k and norm.channels != 1:
             return f"{norm.kind} has {norm.channels}x{expand} features but {c.op_type} takes {k}"
-        if c.op_type == "MatMul":
-            add = g.only_consumer(c.output[0])
-            if add is not None and add.op_type == "Add":
-                pass  # bias merged in rewrite when constant
         return ForwardTarget(c, via=via, expand=expand)
 
     @staticmethod
@@ -537,7 +556,7 @@ class BNGemm(ForwardRule):
         shape = g.shapes.get(norm.input)
         if shape is None or any(not isinstance(d, int) for d in shape[1:]):
             return f"cannot prove the {c.op_type} feature order (unknown input shape)"
-        spatial = int(np.prod([int(d) for d in shape[2:]])) if len(shape) > 2 else 1
+        spatial = math.prod(d for d in shape[2:] if isinstance(d, int))
         if c.op_type == "Flatten":
             if int(attr(c, "axis", 1)) != 1:
                 return "Flatten axis is not 1"
@@ -584,12 +603,17 @@ class BNGemm(ForwardRule):
             bname = add.input[slot]
             if not g.const_reason(bname):
                 b = g.const(bname)
-                if b.ndim <= 1 or (b.ndim == 2 and b.shape[0] == 1):
-                    if b.size in (1, n):
-                        b64 = np.broadcast_to(b.astype(np.float64).reshape(-1), (n,)) + tw
-                        g.write_const(add, slot, b64.reshape(b.shape if b.size == n else (n,)),
-                                      bname, f"{node_label(add)}_bias_bnfused")
-                        return
+                per_channel = b.ndim <= 1 or (b.ndim == 2 and b.shape[0] == 1)
+                if per_channel and b.size in (1, n):
+                    b64 = np.broadcast_to(b.astype(np.float64).reshape(-1), (n,)) + tw
+                    g.write_const(
+                        add,
+                        slot,
+                        b64.reshape(b.shape if b.size == n else (n,)),
+                        bname,
+                        f"{node_label(add)}_bias_bnfused",
+                    )
+                    return
         from onnx import numpy_helper
 
         from bnfuse.fold import round_to
@@ -607,5 +631,3 @@ class BNGemm(ForwardRule):
 
 
 FORWARD_RULES: tuple[ForwardRule, ...] = (BNConv(), BNGemm())
-
-_ = check_affine  # re-exported for rule authors
