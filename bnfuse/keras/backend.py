@@ -1,0 +1,62 @@
+"""The Keras backend: :class:`KerasBackend` implements :class:`bnfuse.backend.Backend`.
+
+Importing this module imports tensorflow and keras; :mod:`bnfuse.api` imports it lazily,
+only for Keras models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bnfuse.backend import BenchTarget, FuseOptions, PassResult, Runner
+from bnfuse.keras import fuse as _fuse
+from bnfuse.keras import io as _io
+from bnfuse.keras import rules as _rules
+from bnfuse.keras import runtime as _runtime
+from bnfuse.result import ModelStats
+
+__all__ = ["KerasBackend"]
+
+
+class KerasBackend:
+    """Keras 3 models: ``.keras`` / ``.h5`` files or in-memory Functional/Sequential models."""
+
+    name = "keras"
+
+    def __init__(self) -> None:
+        #: notes from the last :meth:`save` (e.g. what the ONNX fold pass did to an export)
+        self.save_notes: list[str] = []
+
+    def load(self, path: Path, *, unsafe_load: bool = False) -> Any:
+        """Read a ``.keras`` or ``.h5`` file (Keras safe mode on unless ``unsafe_load``)."""
+        return self.accept(_io.load_model(Path(path), unsafe_load=unsafe_load))
+
+    def accept(self, model: Any) -> Any:
+        """Check that ``model`` is a built Functional or Sequential ``keras.Model``."""
+        _fuse.check_rewritable(model)
+        return model
+
+    def rule_names(self) -> tuple[str, ...]:
+        """Every rule name, backward rules first."""
+        return _rules.rule_names()
+
+    def fuse(self, model: Any, options: FuseOptions) -> PassResult:
+        """Fold every foldable BN into a rebuilt copy of ``model`` (never mutated)."""
+        return _fuse.fuse(model, options)
+
+    def stats(self, model: Any, path: Path | None = None) -> ModelStats:
+        """Parameter counts as ``model.summary()`` shows them, layers, BN layers, file size."""
+        return _runtime.model_stats(model, path)
+
+    def runner(self, model: Any) -> Runner:
+        """Runs ``model(x, training=False)``."""
+        return _runtime.KerasRunner(model)
+
+    def bench_targets(self, model: Any, threads: int) -> list[BenchTarget]:
+        """``keras tf.function`` and ``keras eager``."""
+        return _runtime.bench_targets(model, threads)
+
+    def save(self, model: Any, path: Path) -> None:
+        """Write ``.keras`` / ``.h5`` atomically, or ``.onnx`` via Keras's exporter."""
+        self.save_notes = _io.save_model(model, Path(path))

@@ -1,0 +1,653 @@
+"""The Keras fold pass: plan on the config, fold in float64, rebuild, copy weights.
+
+1. ``model.get_config()`` (a deep copy; the input model is never touched) is wrapped in
+   :class:`~bnfuse.keras.graph.Scope` objects, one per Functional/Sequential graph (nested
+   models included).
+2. Every BatchNormalization is tried backward (into the layer before it) first; when no
+   BN folds backward any more, forward (into the layers after it) too. Each fold updates
+   a float64 working copy of the absorbing layer's weights and edits the config (BN layer
+   removed, consumers rewired, ``use_bias`` turned on). Repeated until nothing changes,
+   so chains such as ``Conv -> BN -> BN`` fold completely.
+3. The model is rebuilt with ``from_config`` and every variable is copied: folded layers
+   from the working copy (rounded once to the variable dtype), all others exactly, with
+   Keras's own ``save_own_variables``/``load_own_variables``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+from numpy.typing import NDArray
+
+from bnfuse.backend import FuseOptions, PassResult
+from bnfuse.errors import FusionInvariantError, UnsupportedModelError
+from bnfuse.fold import Affine, bn_affine, check_bn, round_to
+from bnfuse.keras import rules as R
+from bnfuse.keras.graph import INPUT, Node, Scope, TensorRef
+from bnfuse.result import Fold, Refusal
+
+__all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
+
+F64 = NDArray[np.float64]
+EXCLUDED_REASON = "excluded (rolled back)"
+
+_Functional = keras.src.models.functional.Functional
+
+
+def is_graph_model(obj: Any) -> bool:
+    """True for a plain Functional or Sequential model (a graph bnfuse can edit)."""
+    return type(obj) in (_Functional, keras.Sequential)
+
+
+def check_rewritable(model: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is a built graph model."""
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"expected a keras.Model, got {type(model).__name__}")
+    if not is_graph_model(model):
+        raise UnsupportedModelError(
+            f"model '{model.name}' is a subclassed Keras model ({type(model).__name__}): "
+            "it has no layer graph bnfuse can rewrite; rebuild it with the Functional or "
+            "Sequential API"
+        )
+    if not model.built or not model.inputs:
+        raise UnsupportedModelError(
+            f"model '{model.name}' is not built: give it an Input or call it once"
+        )
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}/{name}" if path else name
+
+
+def _is_bn(layer: Any) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _np(v: Any) -> F64:
+    return np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float64)
+
+
+@dataclass
+class _BN:
+    scope: Scope
+    name: str
+    layer: Any
+    aff: Affine | None = None
+    axis: int | None = None  # normalized, counted with the batch dim
+    raw_axis: Any = None
+    rank: int | None = None
+    reason: str | None = None  # refused whatever the neighbours
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.scope.path, self.name)
+
+    def ready(self) -> tuple[Affine, int, int]:
+        """(affine, axis, rank) of a BN without a BN-level refusal."""
+        if self.aff is None or self.axis is None or self.rank is None:
+            raise FusionInvariantError(f"BN '{self.name}' was tried although it was refused")
+        return self.aff, self.axis, self.rank
+
+
+@dataclass
+class _Attempt:
+    """The outcome of trying one direction for one BN."""
+
+    candidate: bool  # a layer of a foldable kind sits on that side
+    rule: str = ""
+    reason: str | None = None
+    fold: Fold | None = None
+
+
+@dataclass
+class _Store:
+    """Float64 working copies of the weights of every layer a fold touched."""
+
+    weights: dict[tuple[str, str], dict[str, F64]] = field(default_factory=dict)
+    dtypes: dict[tuple[str, str], dict[str, np.dtype[Any]]] = field(default_factory=dict)
+    modified: set[tuple[str, str]] = field(default_factory=set)
+
+    def get(self, scope: Scope, name: str, layer: Any) -> dict[str, F64]:
+        key = (scope.path, name)
+        if key not in self.weights:
+            self.weights[key] = {v.name: _np(v) for v in layer.weights}
+            self.dtypes[key] = {
+                v.name: np.dtype(keras.backend.standardize_dtype(v.dtype)) for v in layer.weights
+            }
+        return dict(self.weights[key])
+
+    def check(self, scope: Scope, name: str, new: dict[str, F64]) -> str | None:
+        """None when ``new`` rounds to the variable dtypes without overflow."""
+        dtypes = self.dtypes[(scope.path, name)]
+        kdt = dtypes.get("kernel", dtypes.get("pointwise_kernel", np.dtype(np.float32)))
+        for var, value in new.items():
+            dt = dtypes.get(var, kdt)
+            try:
+                round_to(value, dt)
+            except OverflowError:
+                return f"folded weights of '{name}' overflow {dt.name}"
+        return None
+
+    def put(self, scope: Scope, name: str, new: dict[str, F64]) -> None:
+        key = (scope.path, name)
+        dtypes = self.dtypes[key]
+        kdt = dtypes.get("kernel", dtypes.get("pointwise_kernel", np.dtype(np.float32)))
+        for var in new:
+            dtypes.setdefault(var, kdt)
+        self.weights[key] = new
+        self.modified.add(key)
+
+    def rounded(self, path: str, name: str) -> dict[str, NDArray[Any]] | None:
+        key = (path, name)
+        if key not in self.modified:
+            return None
+        return {k: round_to(v, self.dtypes[key][k]) for k, v in self.weights[key].items()}
+
+
+class _Pass:
+    def __init__(self, model: Any, options: FuseOptions) -> None:
+        self.model = model
+        self.options = options
+        self.config = copy.deepcopy(model.get_config())
+        kind = "sequential" if isinstance(model, keras.Sequential) else "functional"
+        self.root = Scope("", self.config, model, kind)
+        self.scopes: list[Scope] = []
+        self.opaque: list[Refusal] = []
+        self._collect(self.root)
+        self.store = _Store()
+        self.bns: list[_BN] = []
+        for s in self.scopes:
+            for name in s.names():
+                layer = s.live_layer(name)
+                if layer is not None and _is_bn(layer):
+                    self.bns.append(self._bn(s, name, layer))
+
+    # -- discovery -------------------------------------------------------------------
+
+    def _collect(self, scope: Scope) -> None:
+        self.scopes.append(scope)
+        for e in list(scope.entries):
+            name = scope.entry_name(e)
+            layer = scope.live_layer(name)
+            if layer is None:
+                continue
+            if isinstance(layer, _Functional):
+                scope.set_node_offset(name, 1)
+            if is_graph_model(layer):
+                kind = "sequential" if isinstance(layer, keras.Sequential) else "functional"
+                self._collect(Scope(_join(scope.path, name), e["config"], layer, kind))
+                continue
+            inner = [s for s in layer._flatten_layers(include_self=False) if _is_bn(s)]
+            for sub in inner:
+                self.opaque.append(
+                    Refusal(
+                        bn=sub.name,
+                        reason=(
+                            f"inside layer '{name}' ({type(layer).__name__}), whose "
+                            "internals bnfuse cannot rewrite"
+                        ),
+                        scope=_join(scope.path, name),
+                    )
+                )
+
+    def _bn(self, scope: Scope, name: str, layer: Any) -> _BN:
+        bn = _BN(scope, name, layer, raw_axis=getattr(layer, "axis", None))
+        nodes = scope.nodes(name)
+        if type(layer) is not keras.layers.BatchNormalization:
+            bn.reason = (
+                f"subclass of BatchNormalization ({type(layer).__name__}): its call may differ"
+            )
+            return bn
+        axis = bn.raw_axis
+        if isinstance(axis, list | tuple) and len(axis) == 1:
+            axis = axis[0]
+        if not isinstance(axis, int | np.integer):
+            bn.reason = (
+                f"BN normalizes over several axes {list(axis)}: no single channel axis to fold"
+            )
+            return bn
+        shape = nodes[0].input_shape if nodes else None
+        if shape is None:
+            bn.reason = "BN input rank unknown"
+            return bn
+        bn.rank = len(shape)
+        if not -bn.rank <= int(axis) < bn.rank:
+            bn.reason = f"BN axis {axis} out of range for rank {bn.rank}"
+            return bn
+        bn.axis = int(axis) % bn.rank
+        if bn.axis == 0:
+            bn.reason = "BN normalizes the batch axis"
+            return bn
+        for n in nodes:
+            training = n.kwargs.get("training")
+            if training is not None and training is not False:
+                bn.reason = (
+                    "BN is called with training=True (batch statistics, not a constant affine)"
+                )
+                return bn
+        mean = _np(layer.moving_mean)
+        var = _np(layer.moving_variance)
+        gamma = _np(layer.gamma) if layer.scale else None
+        beta = _np(layer.beta) if layer.center else None
+        bad = check_bn(mean, var, layer.epsilon, gamma, beta)
+        if bad:
+            bn.reason = bad
+            return bn
+        bn.aff = bn_affine(mean, var, layer.epsilon, gamma, beta)
+        return bn
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> PassResult:
+        done: dict[tuple[str, str], Fold] = {}
+        refused: dict[tuple[str, str], str] = {}
+        for bn in self.bns:
+            if (
+                bn.name in self.options.exclude
+                or _join(bn.scope.path, bn.name) in self.options.exclude
+            ):
+                refused[bn.key] = EXCLUDED_REASON
+            elif bn.reason is not None:
+                refused[bn.key] = bn.reason
+        for with_forward in (False, True):
+            if with_forward and not self.options.forward:
+                break
+            changed = True
+            while changed:
+                changed = False
+                for bn in self.bns:
+                    if bn.key in done or bn.key in refused:
+                        continue
+                    fold = self._try(bn, forward=with_forward, apply=True)
+                    if fold is not None:
+                        done[bn.key] = fold
+                        changed = True
+        folds = [done[b.key] for b in self.bns if b.key in done]
+        refusals: list[Refusal] = []
+        for bn in self.bns:
+            if bn.key in done:
+                continue
+            if bn.key in refused:
+                refusals.append(Refusal(bn=bn.name, reason=refused[bn.key], scope=bn.scope.path))
+            else:
+                refusals.append(self._refusal(bn))
+        refusals.extend(self.opaque)
+        new_model = self._rebuild()
+        self._postcondition(new_model, folds)
+        return PassResult(model=new_model, folds=folds, refusals=refusals)
+
+    def _try(self, bn: _BN, *, forward: bool, apply: bool) -> Fold | None:
+        back = self._backward(bn, apply)
+        if back.fold is not None:
+            return back.fold
+        if forward:
+            fwd = self._forward(bn, apply)
+            return fwd.fold
+        return None
+
+    def _refusal(self, bn: _BN) -> Refusal:
+        back = self._backward(bn, apply=False)
+        fwd = (
+            self._forward(bn, apply=False)
+            if self.options.forward
+            else _Attempt(candidate=False, reason="forward folding disabled")
+        )
+        if back.candidate and fwd.candidate:
+            reason = f"{back.reason}; forward: {fwd.reason}"
+            rule = back.rule
+        elif back.candidate:
+            reason, rule = back.reason or "", back.rule
+        elif fwd.candidate:
+            reason, rule = fwd.reason or "", fwd.rule
+        else:
+            reason = f"no linear layer next to BN ({back.reason}; {fwd.reason})"
+            rule = ""
+        return Refusal(bn=bn.name, reason=reason, rule=rule, scope=bn.scope.path)
+
+    # -- backward --------------------------------------------------------------------
+
+    def _backward(self, bn: _BN, apply: bool) -> _Attempt:
+        s = bn.scope
+        nodes = s.nodes(bn.name)
+        if not nodes or any(n.primary is None for n in nodes):
+            return _Attempt(False, reason="BN input is not a single tensor")
+        srcs = [n.primary for n in nodes if n.primary is not None]
+        if len(srcs) != len(nodes):
+            return _Attempt(False, reason="BN input is not a single tensor")
+        src = srcs[0]
+        if src[0] == INPUT or s.class_name(src[0]) == "InputLayer":
+            return _Attempt(False, reason="before: BN is applied to the model input")
+        prod = s.live_layer(src[0])
+        rule = R.backward_rule_for(prod) if prod is not None else None
+        if rule is None:
+            cls = type(prod).__name__ if prod is not None else s.class_name(src[0])
+            return _Attempt(False, reason=f"before: {cls} '{src[0]}' is not a linear layer")
+        att = _Attempt(True, rule=rule.name)
+        pname = src[0]
+        if rule.name in self.options.skip_rules:
+            att.reason = f"rule {rule.name} is disabled"
+            return att
+        pnodes = s.nodes(pname)
+        if len(nodes) > 1 and (
+            any(r[0] != pname for r in srcs) or len({r[1] for r in srcs}) != len(srcs)
+        ):
+            att.reason = "BN layer is shared by several call sites with different inputs"
+            return att
+        if len(pnodes) != len(nodes):
+            att.reason = f"layer '{pname}' is shared by several call sites"
+            return att
+        for ref in srcs:
+            if ref[2] != 0:
+                att.reason = f"'{pname}' has several outputs"
+                return att
+            users = s.consumers(ref)
+            if len(users) != 1:
+                att.reason = f"output of '{pname}' is also used by other layers"
+                return att
+            if s.is_output(ref):
+                att.reason = f"output of '{pname}' is also a model output"
+                return att
+        bad = R.activation_refusal(prod) or R.layer_refusal(prod)
+        if bad:
+            att.reason = bad
+            return att
+        aff, axis, rank = bn.ready()
+        ch = rule.kind.channel_axis(prod, rank)
+        if axis != ch:
+            att.reason = (
+                f"BN axis {bn.raw_axis} is not the channel axis of '{pname}' (axis {ch} of "
+                f"rank {rank})"
+            )
+            return att
+        w = self.store.get(s, pname, prod)
+        if rule.kind.out_channels(prod, w) != aff.channels:
+            att.reason = f"channel count of '{pname}' differs from the BN's"
+            return att
+        new = rule.kind.backward(prod, w, aff)
+        bad = self.store.check(s, pname, new)
+        if bad:
+            att.reason = bad
+            return att
+        if not apply:
+            return att
+        self.store.put(s, pname, new)
+        detail = ""
+        if not getattr(prod, "use_bias", True) or "bias" not in w:
+            s.set_layer_config(pname, use_bias=True)
+            detail = "bias added"
+        outs = [(bn.name, n.index, 0) for n in nodes]
+        if any(s.is_output(o) for o in outs):
+            s.replace_with_identity(bn.name, s.entry(bn.name)["config"].get("dtype"))
+            detail = ", ".join(x for x in (detail, "model output kept by an Identity") if x)
+        else:
+            s.remove(bn.name, {n.index: n.primary for n in nodes if n.primary is not None})
+        att.fold = Fold(
+            bn=bn.name,
+            into=pname,
+            rule=rule.name,
+            direction="backward",
+            channels=aff.channels,
+            detail=detail,
+            scope=s.path,
+        )
+        return att
+
+    # -- forward ---------------------------------------------------------------------
+
+    def _forward(self, bn: _BN, apply: bool) -> _Attempt:
+        s = bn.scope
+        nodes = s.nodes(bn.name)
+        src = nodes[0].primary if len(nodes) == 1 else None
+        if src is None:
+            return _Attempt(False, reason="after: BN layer is shared by several call sites")
+        out = (bn.name, nodes[0].index, 0)
+        users = s.consumers(out)
+        if not users:
+            return _Attempt(False, reason="after: nothing (BN output is a model output)")
+        plans: list[tuple[Node, R.Rule, Any, str]] = []  # (node, rule, in_map or None, detail)
+        reasons: list[str] = []
+        candidate = False
+        for u in users:
+            got = self._forward_targets(bn, u)
+            if isinstance(got, str):
+                reasons.append(got)
+                continue
+            candidate = True
+            for item in got:
+                if isinstance(item, str):
+                    reasons.append(item)
+                else:
+                    plans.append(item)
+        if not candidate:
+            return _Attempt(False, reason="; ".join(reasons))
+        att = _Attempt(True, rule=plans[0][1].name if plans else "")
+        if s.is_output(out):
+            att.reason = "BN output is also a model output"
+            return att
+        if reasons:
+            att.reason = (
+                reasons[0]
+                if len(users) == 1
+                else f"not every layer after BN can take it: {reasons[0]}"
+            )
+            return att
+        aff = bn.ready()[0]
+        news: list[tuple[str, dict[str, F64], Any]] = []
+        for node, rule, in_map, _ in plans:
+            layer = s.live_layer(node.layer)
+            new = rule.kind.forward(layer, self.store.get(s, node.layer, layer), aff, in_map)
+            bad = self.store.check(s, node.layer, new)
+            if bad:
+                att.reason = bad
+                return att
+            news.append((node.layer, new, layer))
+        if not apply:
+            return att
+        details = []
+        for (lname, new, layer), (_, _, _, det) in zip(news, plans, strict=True):
+            self.store.put(s, lname, new)
+            if not getattr(layer, "use_bias", True):
+                s.set_layer_config(lname, use_bias=True)
+                det = ", ".join(x for x in (det, f"bias added to '{lname}'") if x)
+            if det:
+                details.append(det)
+        s.remove(bn.name, {nodes[0].index: src})
+        rule_names = list(dict.fromkeys(p[1].name for p in plans))
+        att.fold = Fold(
+            bn=bn.name,
+            into=", ".join(dict.fromkeys(n for n, _, _ in news)),
+            rule="+".join(rule_names),
+            direction="forward",
+            channels=aff.channels,
+            detail="; ".join(dict.fromkeys(details)),
+            scope=s.path,
+        )
+        return att
+
+    def _forward_targets(
+        self, bn: _BN, user: Node
+    ) -> str | list[tuple[Node, R.Rule, Any, str] | str]:
+        """The linear layers ``user`` leads to, or why it leads to none (a plain str)."""
+        s = bn.scope
+        layer = s.live_layer(user.layer)
+        cls = type(layer).__name__ if layer is not None else s.class_name(user.layer)
+        out = (bn.name, s.nodes(bn.name)[0].index, 0)
+        if layer is None:
+            return f"after: {cls} '{user.layer}' is not a linear layer"
+        rule = R.forward_rule_for(layer)
+        axis = bn.ready()[1]
+        if rule is not None:
+            return [self._forward_check(bn, user, layer, rule, None, "")]
+        flat = self._flatten_like(layer)
+        if flat is None:
+            return f"after: {cls} '{user.layer}' is not a linear layer"
+        # BN -> Flatten -> Dense
+        if user.primary != out:
+            return f"after: {cls} '{user.layer}' is not a linear layer"
+        shape = user.input_shape
+        fout = user.output(0)
+        fusers = s.consumers(fout)
+        dense_rule = R.FORWARD_RULES[1]
+        results: list[tuple[Node, R.Rule, Any, str] | str] = []
+        if not fusers or not all(
+            (lay := s.live_layer(f.layer)) is not None and dense_rule.kind.matches(lay)
+            for f in fusers
+        ):
+            return f"after: {cls} '{user.layer}' is not followed by Dense layers only"
+        if shape is None or any(d is None for d in shape[1:]):
+            results.append(f"input shape of '{user.layer}' is not fully known")
+            return results
+        if s.is_output(fout):
+            results.append(f"output of '{user.layer}' is a model output")
+            return results
+        idx = R.flatten_channel_index(
+            tuple(int(d) for d in shape[1:] if d is not None), axis, flat == "channels_first"
+        )
+        for f in fusers:
+            lay = s.live_layer(f.layer)
+            results.append(
+                self._forward_check(
+                    bn, f, lay, dense_rule, idx.reshape(-1, 1), f"via {cls} '{user.layer}'"
+                )
+            )
+        return results
+
+    @staticmethod
+    def _flatten_like(layer: Any) -> str | None:
+        """'channels_last'/'channels_first' for a Flatten (or a 1-D Reshape), else None."""
+        if type(layer) is keras.layers.Flatten:
+            return "channels_first" if getattr(layer, "_channels_first", False) else "channels_last"
+        if type(layer) is keras.layers.Reshape and len(tuple(layer.target_shape)) == 1:
+            return "channels_last"
+        return None
+
+    def _forward_check(
+        self, bn: _BN, user: Node, layer: Any, rule: R.Rule, in_map: Any, detail: str
+    ) -> tuple[Node, R.Rule, Any, str] | str:
+        s = bn.scope
+        aff, axis, rank = bn.ready()
+        if rule.name in self.options.skip_rules:
+            return f"rule {rule.name} is disabled"
+        if len(s.nodes(user.layer)) != 1:
+            return f"layer '{user.layer}' is shared by several call sites"
+        if user.primary is None:
+            return f"layer '{user.layer}' takes several inputs"
+        bad = R.layer_refusal(layer)
+        if bad:
+            return bad
+        if in_map is None:
+            ch = rule.kind.channel_axis(layer, rank)
+            if axis != ch:
+                return (
+                    f"BN axis {bn.raw_axis} is not the input channel axis of '{user.layer}' "
+                    f"(axis {ch} of rank {rank})"
+                )
+        w = self.store.get(s, user.layer, layer)
+        kernel = w["depthwise_kernel"] if rule.kind.key == "separable" else w["kernel"]
+        n_in = int(in_map.shape[0]) if in_map is not None else None
+        if rule.kind.key == "dense":
+            if n_in is not None and n_in != kernel.shape[0]:
+                return f"flattened size does not match the input of '{user.layer}'"
+            if n_in is None and kernel.shape[0] != aff.channels:
+                return f"channel count of '{user.layer}' differs from the BN's"
+        elif rule.kind.key == "conv":
+            if kernel.shape[-2] * int(getattr(layer, "groups", 1) or 1) != aff.channels:
+                return f"channel count of '{user.layer}' differs from the BN's"
+        elif rule.kind.key == "transpose":
+            if kernel.shape[-1] != aff.channels:
+                return f"channel count of '{user.layer}' differs from the BN's"
+        elif kernel.shape[-2] != aff.channels:
+            return f"channel count of '{user.layer}' differs from the BN's"
+        reason, exact_detail = rule.kind.forward_exactness(layer, aff, user.input_shape)
+        if reason:
+            return reason
+        return (user, rule, in_map, ", ".join(x for x in (detail, exact_detail) if x))
+
+    # -- rebuild ---------------------------------------------------------------------
+
+    def _custom_objects(self) -> dict[str, Any]:
+        objs: dict[str, Any] = {}
+        for layer in self.model._flatten_layers(include_self=True):
+            cls = type(layer)
+            if not cls.__module__.startswith("keras"):
+                objs[cls.__name__] = cls
+                reg = keras.saving.get_registered_name(cls)
+                objs[reg] = cls
+            act = getattr(layer, "activation", None)
+            if callable(act) and not getattr(act, "__module__", "keras").startswith("keras"):
+                objs[getattr(act, "__name__", repr(act))] = act
+        return objs
+
+    def _rebuild(self) -> Any:
+        cls = type(self.model)
+        with keras.saving.custom_object_scope(self._custom_objects()):
+            new = cls.from_config(copy.deepcopy(self.config))
+        self._copy_weights(self.model, new, "")
+        return new
+
+    def _copy_weights(self, old_model: Any, new_model: Any, path: str) -> None:
+        for layer in new_model.layers:
+            name = layer.name
+            try:
+                old = old_model.get_layer(name)
+            except ValueError:
+                old = None
+            if is_graph_model(layer):
+                if old is None:
+                    raise FusionInvariantError(f"nested model '{name}' lost its original")
+                self._copy_weights(old, layer, _join(path, name))
+                continue
+            folded = self.store.rounded(path, name)
+            if folded is not None:
+                for v in layer.weights:
+                    if v.name not in folded:
+                        raise FusionInvariantError(
+                            f"no folded value for variable '{v.name}' of layer '{name}'"
+                        )
+                    if tuple(v.shape) != folded[v.name].shape:
+                        raise FusionInvariantError(
+                            f"folded '{name}/{v.name}' has shape {folded[v.name].shape}, "
+                            f"expected {tuple(v.shape)}"
+                        )
+                    v.assign(folded[v.name])
+                continue
+            if old is None or type(old) is not type(layer):
+                if layer.weights:
+                    raise FusionInvariantError(f"layer '{name}' has no original to copy from")
+                continue
+            olds = old._flatten_layers(include_self=True)
+            news = layer._flatten_layers(include_self=True)
+            if len(olds) != len(news):
+                raise FusionInvariantError(f"layer '{name}' changed structure when rebuilt")
+            for o, n in zip(olds, news, strict=True):
+                store: dict[str, Any] = {}
+                o.save_own_variables(store)
+                n.load_own_variables(store)
+
+    def _postcondition(self, new_model: Any, folds: list[Fold]) -> None:
+        before = sum(1 for _ in _iter_bns(self.model))
+        after = sum(1 for _ in _iter_bns(new_model))
+        if after != before - len(folds):
+            raise FusionInvariantError(
+                f"{before} BN layers before, {len(folds)} folded, but {after} remain"
+            )
+
+
+def _iter_bns(model: Any) -> Iterator[Any]:
+    for layer in model._flatten_layers(include_self=False):
+        if _is_bn(layer):
+            yield layer
+
+
+def fuse(model: Any, options: FuseOptions) -> PassResult:
+    """Fold every foldable BN of ``model`` (a built Functional/Sequential model)."""
+    check_rewritable(model)
+    return _Pass(model, options).run()
+
+
+_ = TensorRef  # re-exported type for readers of this module

@@ -1,0 +1,227 @@
+"""Loading and saving Keras models, with Keras's safe deserialization kept on.
+
+Every failure becomes a one-line :class:`~bnfuse.errors.ModelLoadError` (or
+:class:`~bnfuse.errors.UnsupportedModelError` for a model that loads but cannot be
+rewritten).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bnfuse.backend import FuseOptions, atomic_path
+from bnfuse.errors import (
+    BnfuseError,
+    MissingDependencyError,
+    ModelLoadError,
+    UnsupportedModelError,
+    UsageError,
+)
+
+__all__ = ["export_onnx", "load_model", "save_model"]
+
+_UNSAFE_HINT = (
+    "it runs arbitrary Python code when loaded, so bnfuse keeps Keras safe mode on; "
+    "if you trust the file, pass --unsafe-load (unsafe_load=True)"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0].strip()
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # Keras colours some messages
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _walk_layer_configs(cfg: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(cfg, dict):
+        if "class_name" in cfg and isinstance(cfg.get("config"), dict):
+            yield cfg
+        for v in cfg.values():
+            yield from _walk_layer_configs(v)
+    elif isinstance(cfg, list):
+        for v in cfg:
+            yield from _walk_layer_configs(v)
+
+
+def _lambda_names(cfg: Any) -> list[str]:
+    return [
+        str(c["config"].get("name", "?"))
+        for c in _walk_layer_configs(cfg)
+        if c.get("class_name") == "Lambda"
+    ]
+
+
+def _read_config(path: Path) -> Any:
+    """The model config stored in a .keras or .h5 file (raises ModelLoadError)."""
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise ModelLoadError(f"{path}: not a .keras file (not a zip archive)")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+                if "config.json" not in names:
+                    raise ModelLoadError(
+                        f"{path}: zip archive without a Keras model (no config.json inside)"
+                    )
+                raw = zf.read("config.json")
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ModelLoadError(f"{path}: damaged .keras archive: {_first_line(exc)}") from None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ModelLoadError(f"{path}: config.json is not valid JSON") from None
+    try:
+        import h5py
+    except ModuleNotFoundError:
+        raise MissingDependencyError("h5py", "keras") from None
+    try:
+        with h5py.File(path, "r") as f:
+            attr = f.attrs.get("model_config")
+            if attr is None:
+                raise ModelLoadError(
+                    f"{path}: HDF5 file without a model config (a weights-only file?)"
+                )
+            text = attr.decode("utf-8") if isinstance(attr, bytes) else str(attr)
+            return json.loads(text)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{path}: not a readable HDF5 model (truncated or corrupt?): {_first_line(exc)}"
+        ) from None
+
+
+def _unknown_class(message: str) -> str | None:
+    for pat in (
+        r"Could not locate (?:class|function) '([^']+)'",
+        r"Unknown (?:layer|object|class|activation)[^']*'([^']+)'",
+        r"Unknown (?:layer|object): ([\w.]+)",
+    ):
+        m = re.search(pat, message)
+        if m:
+            return m.group(1)
+    return None
+
+
+def load_model(path: Path, *, unsafe_load: bool = False) -> Any:
+    """Load a ``.keras`` / ``.h5`` model without compiling it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory (SavedModel directories are not supported)")
+    suffix = path.suffix.lower()
+    if suffix not in (".keras", ".h5", ".hdf5"):
+        raise ModelLoadError(f"{path}: not a Keras model file (.keras or .h5)")
+    cfg = _read_config(path)
+    lambdas = _lambda_names(cfg)
+    if lambdas and not unsafe_load:
+        raise ModelLoadError(
+            f"{path}: contains Lambda layer(s) {', '.join(repr(n) for n in lambdas[:3])}; "
+            + _UNSAFE_HINT
+        )
+    import keras
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = keras.saving.load_model(path, compile=False, safe_mode=not unsafe_load)
+    except BnfuseError:
+        raise
+    except Exception as exc:
+        msg = str(exc)
+        cls = _unknown_class(msg)
+        if cls:
+            raise ModelLoadError(
+                f"{path}: unknown layer class '{cls}': the file uses a custom class this "
+                "process does not know; import the code that defines it (registered with "
+                "@keras.saving.register_keras_serializable) before loading"
+            ) from None
+        if "safe_mode" in msg or "lambda" in msg.lower():
+            raise ModelLoadError(f"{path}: {_first_line(exc)}; {_UNSAFE_HINT}") from None
+        raise ModelLoadError(f"{path}: cannot load the Keras model: {_first_line(exc)}") from None
+    return model
+
+
+def save_model(model: Any, path: Path) -> list[str]:
+    """Write ``model`` to ``path`` (.keras, .h5 or .onnx) atomically; returns notes."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".keras", ".h5", ".hdf5"):
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns that .h5 is a legacy format
+            model.save(tmp)
+        return []
+    if suffix == ".onnx":
+        return export_onnx(model, path)
+    raise UsageError(f"{path}: a Keras model can be written as .keras, .h5 or .onnx")
+
+
+def _input_signature(model: Any) -> Any:
+    try:
+        from keras.src.export.export_utils import get_input_signature
+
+        return get_input_signature(model)
+    except Exception:
+        return None
+
+
+def _onnx_backend() -> Any:
+    """The ONNX backend, or None where it is not available."""
+    try:
+        from bnfuse.onnx.backend import OnnxBackend
+    except ImportError:
+        return None
+    return OnnxBackend()
+
+
+def export_onnx(model: Any, path: Path) -> list[str]:
+    """Export through Keras's own exporter (tf2onnx), then fold the export with the ONNX
+    backend when it is available. Returns notes for the report."""
+    try:
+        import tf2onnx  # noqa: F401
+    except ModuleNotFoundError:
+        raise MissingDependencyError("tf2onnx", "keras") from None
+    notes: list[str] = []
+    policy = getattr(getattr(model, "dtype_policy", None), "name", "float32")
+    fd, raw = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".export.onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(raw)
+    try:
+        sig = _input_signature(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model.export(str(tmp), format="onnx", verbose=False, input_signature=sig)
+            except Exception as exc:
+                raise UnsupportedModelError(
+                    f"ONNX export failed (Keras exporter / tf2onnx, dtype policy {policy}): "
+                    f"{_first_line(exc)}"
+                ) from None
+        onnx_backend = _onnx_backend()
+        if onnx_backend is None:
+            notes.append(
+                "ONNX backend not available: the export was written without an ONNX fold pass"
+            )
+            with atomic_path(path) as final:
+                os.replace(tmp, final)
+            return notes
+        ob = onnx_backend
+        exported = ob.load(tmp)
+        res = ob.fuse(exported, FuseOptions())
+        if res.folds:
+            notes.append(f"ONNX fold pass over the export folded {len(res.folds)} more node(s)")
+        ob.save(res.model, path)
+        return notes
+    finally:
+        tmp.unlink(missing_ok=True)

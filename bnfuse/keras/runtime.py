@@ -1,0 +1,183 @@
+"""Running and timing Keras models: validation runner, benchmark targets, model stats."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from bnfuse.backend import BenchTarget, InputSpec
+from bnfuse.result import ModelStats
+
+__all__ = ["KerasRunner", "bench_targets", "configure_threads", "model_stats"]
+
+
+def _input_tensors(model: Any) -> list[Any]:
+    return list(model.inputs)
+
+
+def input_names(model: Any) -> list[str]:
+    """Names of the model's inputs (their InputLayer names), in ``model.inputs`` order."""
+    names = []
+    for i, t in enumerate(_input_tensors(model)):
+        hist = getattr(t, "_keras_history", None)
+        op = getattr(hist, "operation", None) if hist is not None else None
+        names.append(getattr(op, "name", None) or getattr(t, "name", None) or f"input_{i}")
+    return names
+
+
+def output_names(model: Any) -> list[str]:
+    """Names of the model's outputs (their producing layers), in ``model.outputs`` order."""
+    names = getattr(model, "output_names", None)
+    if names and len(names) == len(model.outputs):
+        return [str(n) for n in names]
+    out = []
+    for i, t in enumerate(model.outputs):
+        hist = getattr(t, "_keras_history", None)
+        op = getattr(hist, "operation", None) if hist is not None else None
+        out.append(getattr(op, "name", None) or f"output_{i}")
+    return out
+
+
+def _pack(model: Any, flat: list[Any]) -> Any:
+    struct = getattr(model, "_inputs_struct", None)
+    if struct is not None:
+        try:
+            return keras.tree.pack_sequence_as(struct, flat)
+        except (TypeError, ValueError):
+            pass
+    return flat[0] if len(flat) == 1 else flat
+
+
+def _to_numpy(out: Any) -> list[np.ndarray]:
+    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
+
+
+class KerasRunner:
+    """``model(x, training=False)`` on the given feeds; outputs in ``model.outputs`` order."""
+
+    runtime = "keras model(x, training=False)"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._names = input_names(model)
+        self._inputs = [
+            InputSpec(
+                name=n,
+                dtype=np.dtype(keras.backend.standardize_dtype(t.dtype)),
+                shape=tuple(None if d is None else int(d) for d in t.shape),
+            )
+            for n, t in zip(self._names, _input_tensors(model), strict=True)
+        ]
+        self._outputs = output_names(model)
+
+    @property
+    def inputs(self) -> Sequence[InputSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        flat = [np.asarray(feeds[n]) for n in self._names]
+        return _to_numpy(self.model(_pack(self.model, flat), training=False))
+
+
+def configure_threads(threads: int) -> str:
+    """Set TF's intra/inter-op thread pools if TF has not started them yet.
+
+    Returns a note (empty when the setting took effect). TF fixes its pools on first use,
+    so call this before loading a model to make ``--threads`` effective.
+    """
+    import tensorflow as tf
+
+    th = tf.config.threading
+    if (
+        th.get_intra_op_parallelism_threads() == threads
+        and th.get_inter_op_parallelism_threads() == threads
+    ):
+        return ""
+    try:
+        th.set_intra_op_parallelism_threads(threads)
+        th.set_inter_op_parallelism_threads(threads)
+        return ""
+    except RuntimeError:
+        intra = th.get_intra_op_parallelism_threads() or "TF default"
+        inter = th.get_inter_op_parallelism_threads() or "TF default"
+        return (
+            "TensorFlow thread pools were already initialised "
+            f"(intra-op: {intra}, inter-op: {inter}); threads={threads} not applied"
+        )
+
+
+def bench_targets(model: Any, threads: int) -> list[BenchTarget]:
+    """``tf.function``-compiled call and plain eager call, both ``training=False``."""
+    import tensorflow as tf
+
+    note = configure_threads(threads)
+    names = input_names(model)
+
+    def prepare_function() -> Callable[[Mapping[str, np.ndarray]], Any]:
+        # the first call traces (timed by the benchmark as the first run)
+        fn = tf.function(lambda *xs: model(_pack(model, list(xs)), training=False))
+
+        def call(feeds: Mapping[str, np.ndarray]) -> Any:
+            return _to_numpy(fn(*[feeds[n] for n in names]))
+
+        return call
+
+    def prepare_eager() -> Callable[[Mapping[str, np.ndarray]], Any]:
+        def call(feeds: Mapping[str, np.ndarray]) -> Any:
+            flat = [feeds[n] for n in names]
+            return _to_numpy(model(_pack(model, flat), training=False))
+
+        return call
+
+    return [
+        BenchTarget("keras tf.function", prepare_function, note),
+        BenchTarget("keras eager", prepare_eager, note),
+    ]
+
+
+def _count(weights: Sequence[Any]) -> int:
+    # what keras.src.utils.summary_utils.count_params does for model.summary()
+    return int(sum(math.prod(tuple(w.shape)) for w in weights))
+
+
+def _leaf_layers(model: Any) -> list[Any]:
+    from bnfuse.keras.fuse import is_graph_model
+
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if is_graph_model(layer):
+            out.extend(_leaf_layers(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def model_stats(model: Any, path: Path | None = None) -> ModelStats:
+    """Counts as ``model.summary()`` shows them; nodes = layers (nested models expanded)."""
+    trainable = _count(model.trainable_weights)
+    non_trainable = _count(model.non_trainable_weights)
+    bns = sum(
+        1
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+    size = Path(path).stat().st_size if path is not None and Path(path).is_file() else None
+    return ModelStats(
+        nodes=len(_leaf_layers(model)),
+        bn_nodes=bns,
+        params=trainable + non_trainable,
+        trainable_params=trainable,
+        non_trainable_params=non_trainable,
+        file_size=size,
+    )
