@@ -67,6 +67,8 @@ def _pct(x: float | None) -> str:
 def _ms(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return _bad(x)
+    if x < 0.01:
+        return f"{x:.4f}"
     if x < 10:
         return f"{x:.3f}"
     return f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
@@ -370,23 +372,15 @@ def render(result: FuseResult, console: Console, *, verbose: bool = False) -> No
     text, style = _header(result)
     console.print(Text(text, style=style or "bold"))
     for sec in _sections(result, verbose):
+        console.print()
+        console.print(Text(sec.title, style="bold"))
         if sec.headers:
-            table = Table(
-                title=Text(sec.title, style="bold"),
-                title_justify="left",
-                box=box.SIMPLE_HEAD,
-                show_edge=False,
-                pad_edge=False,
-            )
+            table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
             for i, h in enumerate(sec.headers):
                 table.add_column(h, justify="right" if i in sec.right else "left")
             for row in sec.rows:
                 table.add_row(*(Text(c.text, style=c.style) for c in row))
-            console.print()
             console.print(table)
-        else:
-            console.print()
-            console.print(Text(sec.title, style="bold"))
         for line, lstyle in sec.lines:
             console.print(Text(line, style=lstyle))
 
