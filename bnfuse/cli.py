@@ -7,6 +7,7 @@ Exit codes: 0 ok · 1 validation failed · 2 usage · 3 model load/unsupported �
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -358,8 +359,14 @@ def _progress(err: Console) -> tuple[Any, Any]:
     return cb, prog.stop
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # Turn SIGTERM into the same clean unwind as Ctrl-C: temporary files are removed.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point of the ``bnfuse`` console script."""
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="bnfuse")
 
 
