@@ -104,7 +104,7 @@ class _Ctx:
         )
 
     def validate(self, model: Any) -> Validation:
-        from bnfuse import validate as _validate
+        import bnfuse.validate as _validate
 
         return _validate.compare(
             self.backend.runner(self.original),
@@ -235,7 +235,7 @@ def fuse(
 
     validation: Validation | None = None
     if validate and passed.folds:
-        from bnfuse import inputs as _inputs
+        import bnfuse.inputs as _inputs
 
         runner = backend.runner(original)
         if inputs is not None:
@@ -324,9 +324,10 @@ def benchmark(
 
     ONNX models run in onnxruntime on the CPU at ORT_DISABLE_ALL and ORT_ENABLE_ALL; Keras
     models as ``model(x, training=False)`` under ``tf.function`` and eagerly. Runs are
-    interleaved (A B A B ...) after warm-up; ``seconds`` bounds the time per row.
+    interleaved (A B A B ...) after warm-up; ``seconds`` is the total budget of the timed
+    loops, split across rows (session creation and warm-up come on top).
     """
-    from bnfuse import bench as _bench
+    import bnfuse.bench as _bench
 
     if threads < 1:
         raise UsageError("--threads must be at least 1")

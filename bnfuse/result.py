@@ -194,7 +194,7 @@ class FuseResult:
         return self.validation is None or self.validation.passed
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with stable keys (schema ``bnfuse.result/1``, see README)."""
+        """JSON-ready dict with stable keys (schema ``bnfuse.result/1``, see docs/report-schema.md)."""
         d: dict[str, Any] = {"schema": "bnfuse.result/1"}
         d.update(_Encoder.encode(self))
         return d
