@@ -321,7 +321,7 @@ class _Pass:
             return _Attempt(False, reason="BN input is not a single tensor")
         src = srcs[0]
         if src[0] == INPUT or s.class_name(src[0]) == "InputLayer":
-            return _Attempt(False, reason="before: BN is applied to the model input")
+            return _Attempt(False, reason="before: the model input")
         prod = s.live_layer(src[0])
         rule = R.backward_rule_for(prod) if prod is not None else None
         if rule is None:
@@ -408,7 +408,7 @@ class _Pass:
         out = (bn.name, nodes[0].index, 0)
         users = s.consumers(out)
         if not users:
-            return _Attempt(False, reason="after: nothing (BN output is a model output)")
+            return _Attempt(False, reason="after: no layer, the BN output is a model output")
         plans: list[tuple[Node, R.Rule, Any, str]] = []  # (node, rule, in_map or None, detail)
         reasons: list[str] = []
         candidate = False
@@ -424,7 +424,7 @@ class _Pass:
                 else:
                     plans.append(item)
         if not candidate:
-            return _Attempt(False, reason="; ".join(reasons))
+            return _Attempt(False, reason="after: " + "; ".join(reasons))
         att = _Attempt(True, rule=plans[0][1].name if plans else "")
         if s.is_output(out):
             att.reason = "BN output is also a model output"
@@ -478,17 +478,17 @@ class _Pass:
         cls = type(layer).__name__ if layer is not None else s.class_name(user.layer)
         out = (bn.name, s.nodes(bn.name)[0].index, 0)
         if layer is None:
-            return f"after: {cls} '{user.layer}' is not a linear layer"
+            return f"{cls} '{user.layer}' is not a linear layer"
         rule = R.forward_rule_for(layer)
         axis = bn.ready()[1]
         if rule is not None:
             return [self._forward_check(bn, user, layer, rule, None, "")]
         flat = self._flatten_like(layer)
         if flat is None:
-            return f"after: {cls} '{user.layer}' is not a linear layer"
+            return f"{cls} '{user.layer}' is not a linear layer"
         # BN -> Flatten -> Dense
         if user.primary != out:
-            return f"after: {cls} '{user.layer}' is not a linear layer"
+            return f"{cls} '{user.layer}' is not a linear layer"
         shape = user.input_shape
         fout = user.output(0)
         fusers = s.consumers(fout)
@@ -498,7 +498,7 @@ class _Pass:
             (lay := s.live_layer(f.layer)) is not None and dense_rule.kind.matches(lay)
             for f in fusers
         ):
-            return f"after: {cls} '{user.layer}' is not followed by Dense layers only"
+            return f"{cls} '{user.layer}' is not followed by Dense layers only"
         if shape is None or any(d is None for d in shape[1:]):
             results.append(f"input shape of '{user.layer}' is not fully known")
             return results

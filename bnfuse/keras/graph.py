@@ -269,7 +269,11 @@ class Scope:
             new["build_config"] = e["build_config"]
         if self.kind == "functional":
             new["name"] = name
-            new["inbound_nodes"] = e.get("inbound_nodes", [])
+            # the BN's call kwargs (mask, training) mean nothing to an Identity
+            new["inbound_nodes"] = [
+                {"args": nd.get("args", []), "kwargs": {}} if isinstance(nd, dict) else nd
+                for nd in e.get("inbound_nodes", [])
+            ]
         e.clear()
         e.update(new)
         self._invalidate()

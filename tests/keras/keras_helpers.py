@@ -1,0 +1,143 @@
+"""Helpers shared by the Keras backend tests: randomized weights, fuse-and-compare.
+
+Every BN gets random statistics (never the defaults mean 0, var 1, gamma 1, beta 0, under
+which a wrong fold would still pass) and every kernel/bias random values.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+
+from bnfuse.backend import FuseOptions, PassResult
+from bnfuse.keras.backend import KerasBackend
+
+BACKEND = KerasBackend()
+
+
+def randomize(
+    model: Any, seed: int = 0, *, zero_shift: Iterable[str] = (), gentle: bool = False
+) -> Any:
+    """Give every variable of ``model`` random values (in place) and return the model.
+
+    BN layers named in ``zero_shift`` get mean = beta = 0 (their shift t is exactly 0).
+    ``gentle`` keeps BN scales near 1 (deep networks) and leaves kernels as initialized.
+    """
+    rng = np.random.default_rng(seed)
+    zero = set(zero_shift)
+    for layer in model._flatten_layers(include_self=False):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        for v in layer.weights:
+            shape = tuple(v.shape)
+            name = v.name
+            if is_bn:
+                if name == "moving_variance":
+                    val = rng.uniform(0.5, 1.5, shape) if gentle else rng.uniform(0.2, 3.0, shape)
+                elif name == "gamma":
+                    if gentle:
+                        val = rng.uniform(0.8, 1.2, shape)
+                    else:
+                        val = rng.uniform(0.5, 2.0, shape) * rng.choice([-1.0, 1.0], shape)
+                elif name in ("moving_mean", "beta"):
+                    val = (
+                        np.zeros(shape)
+                        if layer.name in zero
+                        else rng.normal(0, 0.2 if gentle else 1.0, shape)
+                    )
+                else:
+                    continue
+            elif gentle and "kernel" in name:
+                continue
+            elif "kernel" in name:
+                val = rng.normal(0, 0.5, shape)
+            elif name == "bias":
+                val = rng.normal(0, 0.5 if not gentle else 0.05, shape)
+            else:
+                continue
+            v.assign(val.astype(keras.backend.standardize_dtype(v.dtype)))
+    return model
+
+
+def sample_inputs(model: Any, batch: int = 3, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in model.inputs:
+        shape = (batch, *[int(d) for d in t.shape[1:]])
+        out.append(rng.normal(0, 1, shape).astype(keras.backend.standardize_dtype(t.dtype)))
+    return out
+
+
+def run(model: Any, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """``model(x, training=False)`` as a flat list of float64 arrays."""
+    x = xs[0] if len(xs) == 1 else xs
+    out = model(x, training=False)
+    return [
+        np.asarray(keras.ops.convert_to_numpy(o), dtype=np.float64) for o in keras.tree.flatten(out)
+    ]
+
+
+def assert_same_outputs(a: Any, b: Any, xs: list[np.ndarray], rtol: float = 1e-5) -> None:
+    """Outputs agree to ``rtol`` relative to each output's largest magnitude."""
+    ra, rb = run(a, xs), run(b, xs)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb, strict=True):
+        assert x.shape == y.shape
+        scale = max(float(np.max(np.abs(x))), 1e-6)
+        err = float(np.max(np.abs(x - y)))
+        assert err <= rtol * scale, f"max abs error {err:.3g} > {rtol:g} x {scale:.3g}"
+
+
+def weights_snapshot(model: Any) -> dict[str, np.ndarray]:
+    return {v.path: np.array(keras.ops.convert_to_numpy(v)) for v in model.weights}
+
+
+def bn_names(model: Any) -> set[str]:
+    return {
+        layer.name
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
+
+
+def fuse(model: Any, **opts: Any) -> PassResult:
+    return BACKEND.fuse(model, FuseOptions(**opts))
+
+
+def check_fused(
+    model: Any,
+    *,
+    folds: Mapping[str, tuple[str, str, str]] | None = None,
+    refusals: Mapping[str, str] | None = None,
+    rtol: float = 1e-5,
+    options: Mapping[str, Any] | None = None,
+    xs: list[np.ndarray] | None = None,
+    compare: bool = True,
+) -> PassResult:
+    """Fuse ``model`` and check everything a fold promises.
+
+    ``folds`` maps BN name -> (into, rule, direction); ``refusals`` BN name -> exact
+    reason. Every BN must be in one of the two. The input model is not mutated, the
+    folded BNs are gone, the refused ones remain, outputs agree.
+    """
+    folds = dict(folds or {})
+    refusals = dict(refusals or {})
+    before_w = weights_snapshot(model)
+    before_cfg = copy.deepcopy(model.get_config())
+    res = fuse(model, **dict(options or {}))
+    got_folds = {f.bn: (f.into, f.rule, f.direction) for f in res.folds}
+    got_refusals = {r.bn: r.reason for r in res.refusals}
+    assert got_folds == folds, (got_folds, got_refusals)
+    assert got_refusals == refusals, got_refusals
+    assert bn_names(res.model) == set(refusals)
+    assert res.model is not model
+    after_w = weights_snapshot(model)
+    assert before_w.keys() == after_w.keys()
+    assert all(np.array_equal(before_w[k], after_w[k]) for k in before_w)
+    assert model.get_config() == before_cfg
+    if compare:
+        assert_same_outputs(model, res.model, xs or sample_inputs(model), rtol=rtol)
+    return res
