@@ -1,0 +1,145 @@
+"""Bad input corpus (generated here, never downloaded): each case gets one clear line, a
+documented exit code, and no output file."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnx_util import GraphBuilder
+from typer.testing import CliRunner
+
+from bnfuse.cli import app
+
+runner = CliRunner()
+
+
+def good_model() -> onnx.ModelProto:
+    b = GraphBuilder(seed=31)
+    x = b.input("x", ["N", 3, 8, 8])
+    b.output(b.bn(b.conv(x, 3, 4, [3, 3]), 4, name="bn"))
+    return b.model()
+
+
+def write_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
+    """Create the bad input; return the model path and extra CLI args."""
+    p = tmp_path / "model.onnx"
+    extra: list[str] = []
+    if case == "empty":
+        p.write_bytes(b"")
+    elif case == "random_bytes":
+        p.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif case == "truncated":
+        data = good_model().SerializeToString()
+        p.write_bytes(data[: len(data) // 2])
+    elif case == "json_named_onnx":
+        p.write_text(json.dumps({"not": "a model"}))
+    elif case == "text_named_onnx":
+        p.write_text("hello, I am a text file\n")
+    elif case == "directory":
+        p.mkdir()
+    elif case == "missing":
+        pass
+    elif case == "keras_not_zip":
+        p = tmp_path / "model.keras"
+        p.write_text("not a zip")
+    elif case == "keras_zip_without_model":
+        p = tmp_path / "model.keras"
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("readme.txt", "nothing here")
+    elif case == "opset_too_new":
+        m = good_model()
+        del m.opset_import[:]
+        m.opset_import.append(helper.make_opsetid("", 99))
+        onnx.save(m, p)
+    elif case == "malformed_input_shape":
+        onnx.save(good_model(), p)
+        extra = ["--input-shape", "x=1xthree"]
+    elif case == "npz_object_array":
+        onnx.save(good_model(), p)
+        npz = tmp_path / "data.npz"
+        np.savez(npz, x=np.array([{"a": 1}], dtype=object))
+        extra = ["--inputs", str(npz)]
+    elif case == "npz_wrong_key":
+        onnx.save(good_model(), p)
+        npz = tmp_path / "data.npz"
+        np.savez(npz, y=np.zeros((1, 3, 8, 8), np.float32))
+        extra = ["--inputs", str(npz)]
+    elif case == "bad_report_suffix":
+        onnx.save(good_model(), p)
+        extra = ["--report", str(tmp_path / "r.txt")]
+    elif case == "no_graph":
+        p.write_bytes(onnx.ModelProto(ir_version=8).SerializeToString())
+    else:  # pragma: no cover - a typo in the parametrization
+        raise AssertionError(case)
+    return p, extra
+
+
+CASES = [
+    ("empty", 3, "empty file"),
+    ("random_bytes", 3, "not"),
+    ("truncated", 3, "not a readable ONNX model"),
+    ("json_named_onnx", 3, "not"),
+    ("text_named_onnx", 3, "not"),
+    ("directory", 3, "is a directory"),
+    ("missing", 3, "no such file"),
+    ("opset_too_new", 3, "onnxruntime cannot load the model"),
+    ("malformed_input_shape", 2, "--input-shape"),
+    ("npz_object_array", 2, "object arrays"),
+    ("npz_wrong_key", 2, "x"),
+    ("bad_report_suffix", 2, "--report"),
+    ("no_graph", 3, "not an ONNX model"),
+]
+
+
+@pytest.mark.parametrize(("case", "code", "message"), CASES)
+def test_bad_input(tmp_path: Path, case: str, code: int, message: str) -> None:
+    src, extra = write_case(tmp_path, case)
+    out = tmp_path / "out" / "fused.onnx"
+    out.parent.mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    r = runner.invoke(app, [str(src), "-o", str(out), *extra])
+    assert r.exit_code == code, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1, r.output
+    assert lines[0].startswith("bnfuse: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in r.output
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.keras
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [("keras_not_zip", ""), ("keras_zip_without_model", "")],
+)
+def test_bad_keras_files(tmp_path: Path, case: str, message: str) -> None:
+    pytest.importorskip("tensorflow")
+    src, extra = write_case(tmp_path, case)
+    out = tmp_path / "fused.keras"
+    r = runner.invoke(app, [str(src), "-o", str(out), *extra])
+    assert r.exit_code == 3, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+    assert "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_bad_statistics_are_refused_not_crashed(tmp_path: Path) -> None:
+    b = GraphBuilder(seed=32)
+    x = b.input("x", ["N", 3, 8, 8])
+    c = b.conv(x, 3, 4, [3, 3])
+    stats = [np.ones(4), np.zeros(4), np.zeros(4), np.array([1.0, -1.0, 1, 1])]
+    y = b.node("BatchNormalization", [c, *[b.const(s.astype(np.float32)) for s in stats]], name="bn")
+    b.output(y)
+    src = tmp_path / "m.onnx"
+    onnx.save(b.model(), src)
+    r = runner.invoke(app, [str(src), "--json", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["refusals"][0]["reason"] == "variance + epsilon <= 0: BN is undefined"
