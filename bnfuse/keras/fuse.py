@@ -292,11 +292,9 @@ class _Pass:
 
     def _refusal(self, bn: _BN) -> Refusal:
         back = self._backward(bn, apply=False)
-        fwd = (
-            self._forward(bn, apply=False)
-            if self.options.forward
-            else _Attempt(candidate=False, reason="forward folding disabled")
-        )
+        fwd = self._forward(bn, apply=False)
+        if not self.options.forward and fwd.candidate:
+            fwd = _Attempt(True, rule=fwd.rule, reason="forward folding is disabled")
         if back.candidate and fwd.candidate:
             reason = f"{back.reason}; forward: {fwd.reason}"
             rule = back.rule
@@ -584,8 +582,12 @@ class _Pass:
         return objs
 
     def _rebuild(self) -> Any:
+        from keras.src.saving.serialization_lib import SafeModeScope
+
         cls = type(self.model)
-        with keras.saving.custom_object_scope(self._custom_objects()):
+        # The model is already in memory: rebuilding its Lambda layers from our own copy of
+        # its config runs no code that is not already loaded, so safe mode is off here.
+        with keras.saving.custom_object_scope(self._custom_objects()), SafeModeScope(False):
             new = cls.from_config(copy.deepcopy(self.config))
         self._copy_weights(self.model, new, "")
         return new

@@ -259,7 +259,7 @@ class Scope:
     def replace_with_identity(self, name: str, dtype: Any) -> None:
         """Turn layer ``name`` into an ``Identity`` of the same name (keeps its calls)."""
         e = self.entry(name)
-        new = {
+        new: dict[str, Any] = {
             "module": "keras.layers",
             "class_name": "Identity",
             "config": {"name": name, "trainable": True, "dtype": dtype},

@@ -130,6 +130,14 @@ def load_model(path: Path, *, unsafe_load: bool = False) -> Any:
             f"{path}: contains Lambda layer(s) {', '.join(repr(n) for n in lambdas[:3])}; "
             + _UNSAFE_HINT
         )
+    for c in _walk_layer_configs(cfg):
+        axis = c["config"].get("axis")
+        if c.get("class_name") == "BatchNormalization" and isinstance(axis, list) and len(axis) > 1:
+            raise ModelLoadError(
+                f"{path}: BatchNormalization '{c['config'].get('name', '?')}' normalizes over "
+                f"several axes {axis} (tf.keras 2); Keras 3 only supports a single BN axis, so "
+                "it cannot load this model"
+            )
     import keras
 
     try:
@@ -142,8 +150,16 @@ def load_model(path: Path, *, unsafe_load: bool = False) -> Any:
         msg = str(exc)
         cls = _unknown_class(msg)
         if cls:
+            registered = {
+                str(c.get("registered_name"))
+                for c in _walk_layer_configs(cfg)
+                if c.get("class_name") == cls and c.get("registered_name") not in (None, cls)
+            }
+            label = f"'{cls}'"
+            if registered:
+                label += f" (registered as '{sorted(registered)[0]}')"
             raise ModelLoadError(
-                f"{path}: unknown layer class '{cls}': the file uses a custom class this "
+                f"{path}: unknown layer class {label}: the file uses a custom class this "
                 "process does not know; import the code that defines it (registered with "
                 "@keras.saving.register_keras_serializable) before loading"
             ) from None
