@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,59 @@ import onnx
 
 from bnfuse import __version__
 from bnfuse.backend import BenchTarget, FuseOptions, InputSpec, PassResult, atomic_path
-from bnfuse.errors import ModelLoadError, UnsupportedModelError
+from bnfuse.errors import ModelLoadError, UnsupportedModelError, UsageError
+from bnfuse.onnx import external
 from bnfuse.onnx.fuse import RULE_NAMES, fuse_model
 from bnfuse.result import ModelStats
 
-__all__ = ["OnnxBackend", "OrtRunner"]
+__all__ = ["FILE_PATH_THRESHOLD", "OnnxBackend", "OrtRunner", "model_bytes"]
 
 NORM_OPS = ("BatchNormalization",)
+
+#: From this many bytes (weights, estimated without serializing) on, a model is saved with
+#: its weights in an external data file and handed to onnxruntime as a file path: protobuf
+#: cannot serialize a message of 2 GiB or more. Tests lower it to exercise that path.
+FILE_PATH_THRESHOLD = 2_000_000_000
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's approximate serialized size: its tensors' payloads plus 1 KiB a node.
+
+    (``ByteSize()`` would serialize the whole model to count.)
+    """
+    nodes = len(model.graph.node) + sum(len(f.node) for f in model.functions)
+    return sum(external.payload_bytes(t) for t in external.iter_tensors(model)) + 1024 * nodes
+
+
+def _large(model: onnx.ModelProto) -> bool:
+    return model_bytes(model) >= FILE_PATH_THRESHOLD
+
+
+class _ModelFile:
+    """A model written to a private temporary directory (header + external data) so that
+    onnxruntime can load it from a path; the directory goes when this object does."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="bnfuse-ort-")
+        self.path = Path(self._dir.name) / "model.onnx"
+        external.write_model(
+            model, self.path, self.path.with_name("model.onnx.data"), "model.onnx.data"
+        )
+
+    def cleanup(self) -> None:
+        self._dir.cleanup()
+
+
+def _session_source(
+    model: onnx.ModelProto, source: Path | None
+) -> tuple[str | bytes, _ModelFile | None]:
+    """What to hand onnxruntime: the bytes, or a path for a model too large for bytes."""
+    if not _large(model):
+        return model.SerializeToString(), None
+    if source is not None:
+        return str(source), None
+    tmp = _ModelFile(model)
+    return str(tmp.path), tmp
 
 
 def _ort() -> Any:
@@ -69,17 +116,25 @@ class OrtRunner:
 
     runtime = "onnxruntime CPU, ORT_DISABLE_ALL"
 
-    def __init__(self, model: onnx.ModelProto, level: str = "ORT_DISABLE_ALL", threads: int = 1):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        level: str = "ORT_DISABLE_ALL",
+        threads: int = 1,
+        source: Path | None = None,
+    ):
+        """``source``: the file ``model`` was loaded from, unchanged (used for large models
+        instead of writing a temporary copy)."""
         ort = _ort()
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
+        data, self._file = _session_source(model, source)
+        self.loaded_from_path = isinstance(data, str)
         try:
-            self.session = ort.InferenceSession(
-                model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from None
@@ -134,8 +189,18 @@ class OnnxBackend:
 
     name = "onnx"
 
+    def __init__(self) -> None:
+        # models this instance loaded from files with external data: (model, path, files)
+        self._loaded: list[tuple[onnx.ModelProto, Path, list[str]]] = []
+        # data files beside the models this instance wrote or read: {header: [data files]}
+        self._data_files: dict[Path, list[Path]] = {}
+
+    def _source_of(self, model: onnx.ModelProto) -> Path | None:
+        return next((p for m, p, _ in self._loaded if m is model), None)
+
     def load(self, path: Path, *, unsafe_load: bool = False) -> onnx.ModelProto:
-        """Read an ONNX file (external data resolved beside it)."""
+        """Read an ONNX file; external data is read from beside it after every location
+        was checked to stay inside the model's directory."""
         path = Path(path)
         if not path.exists():
             raise ModelLoadError(f"{path}: no such file")
@@ -155,11 +220,16 @@ class OnnxBackend:
             ) from None
         self._check_model(model, path)
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            files = external.load_external(model, path)
+        except ModelLoadError:
+            raise
         except Exception as exc:
             raise ModelLoadError(
                 f"{path}: cannot read external data ({_first_line(exc)})"
             ) from None
+        if files:
+            self._loaded.append((model, path, files))
+            self._data_files[path.resolve()] = [Path(f) for f in files]
         return model
 
     def _check_model(self, model: onnx.ModelProto, path: Path | None) -> None:
@@ -174,6 +244,12 @@ class OnnxBackend:
         if not isinstance(model, onnx.ModelProto):
             raise UnsupportedModelError(f"expected an onnx.ModelProto, got {type(model).__name__}")
         self._check_model(model, None)
+        if external.uses_external_data(model):
+            where = ", ".join(repr(loc) for loc in external.external_locations(model)[:3])
+            raise UnsupportedModelError(
+                f"the model's weights are in external data ({where}) that was not loaded; "
+                "pass the .onnx path instead of the ModelProto"
+            )
         return model
 
     def rule_names(self) -> tuple[str, ...]:
@@ -190,43 +266,64 @@ class OnnxBackend:
         return result
 
     def stats(self, model: onnx.ModelProto, path: Path | None = None) -> ModelStats:
+        """Counts; the file size includes the external data files beside ``path``."""
         nodes, bns, params = _count(model)
         size = None
         if path is not None and Path(path).exists():
             size = Path(path).stat().st_size
-            for f in Path(path).parent.iterdir() if _has_external(model) else ():
-                if f.name in _external_files(model):
+            for f in self._data_files.get(Path(path).resolve(), []):
+                if f.exists():
                     size += f.stat().st_size
         return ModelStats(nodes=nodes, bn_nodes=bns, params=params, file_size=size)
 
     def runner(self, model: onnx.ModelProto) -> OrtRunner:
-        return OrtRunner(model)
+        return OrtRunner(model, source=self._source_of(model))
 
     def bench_targets(self, model: onnx.ModelProto, threads: int) -> list[BenchTarget]:
-        data = model.SerializeToString()
+        data, tmp = _session_source(model, self._source_of(model))
         targets = []
         for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
             targets.append(
                 BenchTarget(
                     runtime=f"onnxruntime {level}",
-                    prepare=_session_factory(data, level, threads),
+                    prepare=_session_factory(data, level, threads, tmp),
                     note="",
                 )
             )
         return targets
 
     def save(self, model: onnx.ModelProto, path: Path) -> None:
+        """Write atomically. A model loaded with external data, or too large for one
+        protobuf, is written as ``path`` plus ``<name>.data`` beside it (relative location)."""
         path = Path(path)
+        if external.uses_external_data(model):
+            raise UnsupportedModelError(
+                "the model refers to external data that was never loaded; cannot save it"
+            )
+        if self._loaded or _large(model):
+            data = path.with_name(external.data_name(path)).resolve()
+            for _, src, files in self._loaded:
+                if str(data) in {os.path.realpath(f) for f in files}:
+                    raise UsageError(
+                        f"{path}: writing {data.name} would overwrite the external data of "
+                        f"the input model {src}; choose another output name"
+                    )
+            written = external.save_with_external_data(model, path)
+            self._data_files[path.resolve()] = [written]
+            return
         with atomic_path(path) as tmp:
-            if model.ByteSize() > 2_000_000_000 or _has_external(model):
-                raise UnsupportedModelError("saving models with external data is not supported yet")
             tmp.write_bytes(model.SerializeToString())
+        self._data_files.pop(path.resolve(), None)
 
 
 def _session_factory(
-    data: bytes, level: str, threads: int
+    data: str | bytes, level: str, threads: int, keep: _ModelFile | None = None
 ) -> Callable[[], Callable[[Mapping[str, np.ndarray]], Any]]:
+    """``data``: serialized model or a path; ``keep`` holds a temporary model file alive."""
+
     def prepare() -> Callable[[Mapping[str, np.ndarray]], Any]:
+        _alive = keep  # the temporary model file must outlive every session made here
+        del _alive
         ort = _ort()
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
@@ -241,19 +338,6 @@ def _session_factory(
         return run
 
     return prepare
-
-
-def _has_external(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def _external_files(model: onnx.ModelProto) -> set[str]:
-    files = set()
-    for t in model.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                files.add(e.value)
-    return files
 
 
 def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import onnx
 
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError
-from bnfuse.onnx.graph import Graph, NameSource, node_label
+from bnfuse.onnx.affine import affine_norm
+from bnfuse.onnx.graph import Graph, NameSource, node_label, outer_names_used
 from bnfuse.onnx.rules import (
     BACKWARD_RULES,
     FORWARD_RULES,
@@ -18,7 +20,7 @@ from bnfuse.onnx.rules import (
 )
 from bnfuse.result import Fold, Refusal
 
-__all__ = ["RULE_NAMES", "fuse_graph", "fuse_model"]
+__all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model", "shape_map"]
 
 RULE_NAMES: tuple[str, ...] = tuple(r.name for r in BACKWARD_RULES) + tuple(
     r.name for r in FORWARD_RULES
@@ -33,44 +35,141 @@ def _bn_finder(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None:
     return None
 
 
-#: Functions that recognise a normalization starting at a node (issue: BN in disguise).
-NORM_FINDERS: list[NormFinder] = [_bn_finder]
+#: Functions that recognise a normalization starting at a node: a BatchNormalization, or
+#: a BN in disguise (a chain of Mul/Add/Sub/Div by per-channel constants).
+NORM_FINDERS: list[NormFinder] = [_bn_finder, affine_norm]
+
+ShapeDict = dict[str, tuple[int | str | None, ...]]
 
 
-def _shape_map(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+@dataclass
+class ShapeTree:
+    """Inferred shapes of one graph, and of the subgraphs of its nodes.
+
+    Children are keyed ``(node index, attribute name, graph index)`` in the graph as it
+    was when shapes were inferred (subgraphs are folded before their parent graph, so
+    the indices still hold when they are looked up).
+    """
+
+    values: ShapeDict = field(default_factory=dict)
+    children: dict[tuple[int, str, int], ShapeTree] = field(default_factory=dict)
+
+
+def _collect(graph: onnx.GraphProto) -> ShapeTree:
+    tree = ShapeTree()
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            continue
+        tree.values[vi.name] = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+        )
+    for init in graph.initializer:
+        tree.values.setdefault(init.name, tuple(int(d) for d in init.dims))
+    for i, node in enumerate(graph.node):
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                tree.children[(i, a.name, 0)] = _collect(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for j, sub in enumerate(a.graphs):
+                    tree.children[(i, a.name, j)] = _collect(sub)
+    return tree
+
+
+def shape_tree(model: onnx.ModelProto) -> ShapeTree:
+    """Shapes from ONNX shape inference, main graph and subgraphs (best effort).
+
+    Inference runs on a copy without the large weight payloads (dims and small constants
+    are kept), so it costs no second copy of the weights and works beyond 2 GB.
+    """
+    from bnfuse.onnx.external import skeleton
+
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        light = skeleton(model)
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # shape inference is best-effort; rules refuse when they need a shape
         inferred = model
-    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    return _collect(inferred.graph)
 
-    def collect(vis: list[onnx.ValueInfoProto]) -> None:
-        for vi in vis:
-            t = vi.type.tensor_type
-            if not t.HasField("shape"):
-                continue
-            shapes[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in t.shape.dim
-            )
 
-    g = inferred.graph
-    collect(list(g.input) + list(g.output) + list(g.value_info))
-    for init in g.initializer:
-        shapes.setdefault(init.name, tuple(init.dims))
-    return shapes
+def shape_map(model: onnx.ModelProto) -> ShapeDict:
+    """Shapes of the main graph's tensors (see :func:`shape_tree`)."""
+    return shape_tree(model).values
 
 
 def fuse_model(model: onnx.ModelProto, options: FuseOptions) -> PassResult:
-    """Fold normalizations in a copy of ``model``; the argument is not modified."""
+    """Fold normalizations in a copy of ``model``; the argument is not modified.
+
+    Folds inside the main graph, every subgraph (If branches, Loop/Scan bodies, nested)
+    and every model-local function body.
+    """
     fused = onnx.ModelProto()
     fused.CopyFrom(model)
-    opset = next((o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = _opset(fused.opset_import, 0)
     names = NameSource(fused)
     result = PassResult(model=fused)
-    shapes = _shape_map(fused)
+    shapes = shape_tree(fused)
     fuse_graph(fused.graph, names, options, opset, shapes, result, outer=None, scope="")
+    for f in fused.functions:
+        _fuse_function(f, names, options, _opset(f.opset_import, opset), result)
     return result
+
+
+def _opset(imports: Iterable[onnx.OperatorSetIdProto], default: int) -> int:
+    return next((o.version for o in imports if o.domain in ("", "ai.onnx")), default)
+
+
+def _fuse_function(
+    f: onnx.FunctionProto, names: NameSource, options: FuseOptions, opset: int, result: PassResult
+) -> None:
+    """Fold inside a function body: its weights are Constant nodes (inputs are not constants)."""
+    body = onnx.GraphProto(name=f.name)
+    body.node.extend(f.node)
+    body.input.extend(onnx.helper.make_empty_tensor_value_info(i) for i in f.input)
+    body.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in f.output)
+    scope = f"function {f.domain}.{f.name}" if f.domain else f"function {f.name}"
+    before = len(result.folds)
+    fuse_graph(body, names, options, opset, ShapeTree(), result, None, scope, function=True)
+    if len(result.folds) != before:
+        if body.initializer:
+            raise FusionInvariantError("a function body gained an initializer", scope=scope)
+        del f.node[:]
+        f.node.extend(body.node)
+
+
+def _sub_scope(parent: str, node: onnx.NodeProto, attr_name: str, index: int | None) -> str:
+    which = attr_name if index is None else f"{attr_name}[{index}]"
+    here = f"{node.op_type}:{which} of node {node_label(node)}"
+    return f"{parent} / {here}" if parent else here
+
+
+def _fuse_subgraphs(
+    g: Graph,
+    names: NameSource,
+    options: FuseOptions,
+    opset: int,
+    tree: ShapeTree,
+    result: PassResult,
+    scope: str,
+) -> None:
+    for i, node in enumerate(list(g.g.node)):
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                subs: list[tuple[onnx.GraphProto, int | None]] = [(a.g, None)]
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                subs = [(sub, j) for j, sub in enumerate(a.graphs)]
+            else:
+                continue
+            for sub, j in subs:
+                used_outside = outer_names_used(sub)
+                child = tree.children.get((i, a.name, j or 0), ShapeTree())
+                sub_scope = _sub_scope(scope, node, a.name, j)
+                fuse_graph(sub, names, options, opset, child, result, g, sub_scope)
+                # outer weights the subgraph no longer reads (it folded into copies)
+                h: Graph | None = g
+                while h is not None:
+                    h.remove_unused_initializers(used_outside)
+                    h = h.outer
 
 
 def fuse_graph(
@@ -78,17 +177,32 @@ def fuse_graph(
     names: NameSource,
     options: FuseOptions,
     opset: int,
-    shapes: dict[str, tuple[int | str | None, ...]],
+    shapes: ShapeTree | ShapeDict,
     result: PassResult,
     outer: Graph | None,
     scope: str,
+    *,
+    function: bool = False,
 ) -> None:
-    """Fold inside one graph until nothing changes; refusals are those of the final state."""
+    """Fold inside one graph until nothing changes; refusals are those of the final state.
+
+    Subgraphs of its nodes are folded first (recursively, ``outer`` = this graph, whose
+    constants count as constants there).
+    """
+    tree = shapes if isinstance(shapes, ShapeTree) else ShapeTree(values=dict(shapes))
     backward = [r for r in BACKWARD_RULES if r.name not in options.skip_rules]
     forward = (
         [r for r in FORWARD_RULES if r.name not in options.skip_rules] if options.forward else []
     )
-    g = Graph(graph, names, options.treat_initializer_inputs_as_constants, outer, shapes)
+    g = Graph(
+        graph,
+        names,
+        options.treat_initializer_inputs_as_constants,
+        outer,
+        tree.values,
+        function=function,
+    )
+    _fuse_subgraphs(g, names, options, opset, tree, result, scope)
     refused: dict[str, Refusal] = {}
     removed: set[int] = set()
     while True:
@@ -107,7 +221,9 @@ def fuse_graph(
             label = node_label(node)
             kind = node.op_type
             if label in options.exclude:
-                refused[label] = Refusal(label, "excluded (rolled back)", kind, "", scope)
+                refused[label] = Refusal(
+                    label, "excluded (rolled back)", getattr(norm, "kind", kind), "", scope
+                )
                 continue
             if isinstance(norm, str):
                 refused[label] = Refusal(label, norm, kind, "", scope)
@@ -167,8 +283,6 @@ def _try_fold(
 
 
 def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tuple[str, str] | None:
-    if norm.axis != 1:
-        return None
     consumers = g.consumers.get(norm.output, [])
     if not consumers:
         return None

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from bnfuse.fold import round_to
 
-__all__ = ["Graph", "NameSource", "node_label", "subgraphs"]
+__all__ = ["Graph", "NameSource", "node_label", "outer_names_used", "subgraphs"]
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -39,7 +39,7 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
-def _outer_names_used(g: onnx.GraphProto) -> set[str]:
+def outer_names_used(g: onnx.GraphProto) -> set[str]:
     """Names a subgraph reads that it does not define itself (outer-scope references)."""
     defined = {i.name for i in g.input} | {i.name for i in g.initializer}
     used: set[str] = set()
@@ -48,7 +48,7 @@ def _outer_names_used(g: onnx.GraphProto) -> set[str]:
     for node in g.node:
         used.update(i for i in node.input if i)
         for sub in subgraphs(node):
-            used |= _outer_names_used(sub)
+            used |= outer_names_used(sub)
     used.update(o.name for o in g.output)
     return used - defined
 
@@ -93,7 +93,9 @@ class Graph:
     """Index of one graph. Rebuild it (``Graph(...)``) after structural rewrites.
 
     ``outer`` is the enclosing graph's index for subgraphs: its constants count as
-    constants here, its consumers of names see this graph's uses.
+    constants here, its consumers of names see this graph's uses. ``function`` marks the
+    body of a model-local function (wrapped in a GraphProto): its inputs are not
+    constants and every constant it gains is a ``Constant`` node.
     """
 
     g: onnx.GraphProto
@@ -101,6 +103,8 @@ class Graph:
     treat_initializer_inputs_as_constants: bool = False
     outer: Graph | None = None
     shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
+    #: True for a function body: no initializers, new constants become Constant nodes.
+    function: bool = False
     producer: dict[str, onnx.NodeProto] = field(init=False)
     consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
     inits: dict[str, onnx.TensorProto] = field(init=False)
@@ -124,7 +128,7 @@ class Graph:
                     self.consumers.setdefault(i, []).append(node)
                     seen.add(i)
             for sub in subgraphs(node):
-                for name in _outer_names_used(sub) - seen:
+                for name in outer_names_used(sub) - seen:
                     self.consumers.setdefault(name, []).append(node)
                     seen.add(name)
         self.inits = {t.name: t for t in self.g.initializer}
@@ -173,15 +177,30 @@ class Graph:
             if (
                 prod.op_type == "Constant"
                 and prod.domain in ("", "ai.onnx")
-                and _constant_value(prod)
+                and _constant_value(prod) is not None
             ):
                 return None
             return f"{name!r} is computed by a {prod.op_type} node, not a constant"
         if name in self.input_names:
-            return f"{name!r} is a graph input, not a constant"
+            where = "function input" if self.function else "graph input"
+            return f"{name!r} is a {where}, not a constant"
         if self.outer is not None:
             return self.outer.const_reason(name)
         return f"{name!r} is not defined"
+
+    def stored_weight(self, name: str) -> bool:
+        """True for a stored tensor: a constant, or an initializer also listed as an input.
+
+        Used to decide what counts as a linear *layer* (a node with a stored weight), so
+        that a normalization next to an overridable weight is still reported.
+        """
+        if not name:
+            return False
+        if name in self.inits or self.const_reason(name) is None:
+            return True
+        if name in self.producer or name in self.input_names:
+            return False
+        return self.outer is not None and self.outer.stored_weight(name)
 
     def const(self, name: str) -> np.ndarray:
         """Value of a constant (check :meth:`const_reason` first)."""
@@ -209,10 +228,60 @@ class Graph:
             return self.outer.const_dtype(name)
         raise KeyError(name)
 
-    def rank(self, name: str) -> int | None:
-        """Rank of a tensor when shape inference (or the graph) knows it."""
+    def rank(self, name: str, _depth: int = 0) -> int | None:
+        """Rank of a tensor when shape inference knows it, or when it is provable.
+
+        Without shape information the rank still follows from the producer: a Conv or
+        ConvTranspose output has its weight's rank, a Gemm output rank 2, a MatMul with a
+        2-D weight keeps its input's rank (>= 2), and element-wise ops with a constant of
+        no larger rank, BatchNormalization and Relu-like ops keep their input's rank.
+        """
         shape = self.shapes.get(name)
-        return None if shape is None else len(shape)
+        if shape is not None:
+            return len(shape)
+        if name in self.inits:
+            return len(self.inits[name].dims)
+        prod = self.producer.get(name)
+        if prod is None:
+            if name in self.input_names or self.outer is None:
+                return None
+            return self.outer.rank(name, _depth)
+        if _depth > 64 or prod.domain not in ("", "ai.onnx"):
+            return None
+        op = prod.op_type
+        if op == "Constant" and self.const_reason(name) is None:
+            return int(self.const(name).ndim)
+        if op in ("Conv", "ConvTranspose") and len(prod.input) > 1:
+            w = prod.input[1]
+            if self.const_reason(w) is None or w in self.inits:
+                return len(self._dims(w))
+            return None
+        if op == "Gemm":
+            return 2
+        if op == "MatMul" and len(prod.input) == 2:
+            if self.const_reason(prod.input[1]) is not None and prod.input[1] not in self.inits:
+                return None
+            if len(self._dims(prod.input[1])) != 2:
+                return None
+            return self.rank(prod.input[0], _depth + 1)  # [.., K] @ [K, N] -> [.., N]
+        if op in _RANK_KEEPING and prod.input:
+            return self.rank(prod.input[0], _depth + 1)
+        if op in ("Mul", "Add", "Sub", "Div") and len(prod.input) == 2:
+            a, b = prod.input
+            ca, cb = self.const_reason(a) is None, self.const_reason(b) is None
+            if ca == cb:
+                return None
+            x, c = (b, a) if ca else (a, b)
+            r = self.rank(x, _depth + 1)
+            if r is None:
+                return None
+            return max(r, len(self._dims(c)))
+        return None
+
+    def _dims(self, name: str) -> tuple[int, ...]:
+        if name in self.inits:
+            return tuple(int(d) for d in self.inits[name].dims)
+        return tuple(int(d) for d in self.const(name).shape)
 
     # ---- writes --------------------------------------------------------------------
     def write_const(
@@ -235,16 +304,38 @@ class Graph:
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_id)
         arr = round_to(value64, np_dtype)
         old = node.input[slot] if slot < len(node.input) else ""
-        if old and old in self.inits and self._exclusively_used(old, node, slot):
-            tensor = numpy_helper.from_array(arr, old)
-            self.inits[old].CopyFrom(tensor)
-            return
-        name = self.names.new(base)
-        self.g.initializer.append(numpy_helper.from_array(arr, name))
-        self.inits[name] = self.g.initializer[-1]
+        if old and self._exclusively_used(old, node, slot):
+            if old in self.inits:
+                self.inits[old].CopyFrom(numpy_helper.from_array(arr, old))
+                return
+            prod = self.producer.get(old)
+            value = _value_attr(prod) if prod is not None and prod.op_type == "Constant" else None
+            if value is not None:
+                value.t.CopyFrom(numpy_helper.from_array(arr, value.t.name))
+                return
+        name = self.add_const(arr, base)
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = name
+
+    def add_const(self, arr: np.ndarray, base: str) -> str:
+        """Store a new constant under a fresh name (an initializer, or in a function
+        body a ``Constant`` node placed first); return the name."""
+        name = self.names.new(base)
+        if self.function:
+            const = onnx.helper.make_node(
+                "Constant",
+                [],
+                [name],
+                name=self.names.new(f"{name}_const"),
+                value=numpy_helper.from_array(arr, name),
+            )
+            self.g.node.insert(0, const)
+            self.producer[name] = self.g.node[0]
+        else:
+            self.g.initializer.append(numpy_helper.from_array(arr, name))
+            self.inits[name] = self.g.initializer[-1]
+        return name
 
     def _exclusively_used(self, name: str, node: onnx.NodeProto, slot: int) -> bool:
         if name in self.input_names or name in self.output_names:
@@ -269,20 +360,30 @@ class Graph:
             self.g.value_info.extend(keep)
 
     def remove_unused_initializers(self, candidates: Iterable[str]) -> None:
-        """Drop initializers among ``candidates`` that nothing reads any more."""
+        """Drop initializers and Constant nodes among ``candidates`` that nothing reads."""
         self.reindex()
-        dead = {
+        cands = set(candidates)
+        unused = {
             c
-            for c in candidates
-            if c in self.inits
-            and not self.consumers.get(c)
+            for c in cands
+            if not self.consumers.get(c)
             and c not in self.output_names
             and c not in self.input_names
         }
+        dead = {c for c in unused if c in self.inits}
+        dead_nodes = [
+            n
+            for n in self.g.node
+            if n.op_type == "Constant" and len(n.output) == 1 and n.output[0] in unused
+        ]
         if dead:
             keep = [t for t in self.g.initializer if t.name not in dead]
             del self.g.initializer[:]
             self.g.initializer.extend(keep)
+        for n in dead_nodes:
+            self.remove_node(n)
+        if dead or dead_nodes:
+            self.drop_value_info(n.output[0] for n in dead_nodes)
             self.reindex()
 
     def insert_after(self, anchor: onnx.NodeProto, new: onnx.NodeProto) -> onnx.NodeProto:
@@ -294,10 +395,53 @@ class Graph:
         raise ValueError("anchor not in graph")
 
 
+_RANK_KEEPING = frozenset(
+    {
+        "BatchNormalization",
+        "Relu",
+        "LeakyRelu",
+        "Sigmoid",
+        "Tanh",
+        "Clip",
+        "Identity",
+        "Neg",
+        "Abs",
+        "Elu",
+        "Selu",
+        "HardSigmoid",
+        "HardSwish",
+        "Softplus",
+        "Erf",
+        "Gelu",
+        "PRelu",
+        "Dropout",
+    }
+)
+
+
+def _value_attr(node: onnx.NodeProto) -> onnx.AttributeProto | None:
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR and not a.ref_attr_name:
+            return a
+    return None
+
+
 def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return attr.t
+    """The tensor a Constant node produces (``value``, ``value_float(s)``, ``value_int(s)``)."""
+    a = _value_attr(node)
+    if a is not None:
+        return a.t
+    for a in node.attribute:
+        if a.ref_attr_name:
+            continue
+        if a.name == "value_float" and a.type == onnx.AttributeProto.FLOAT:
+            return numpy_helper.from_array(np.array(a.f, dtype=np.float32))
+        if a.name == "value_floats" and a.type == onnx.AttributeProto.FLOATS:
+            return numpy_helper.from_array(np.array(list(a.floats), dtype=np.float32))
+        if a.name == "value_int" and a.type == onnx.AttributeProto.INT:
+            return numpy_helper.from_array(np.array(a.i, dtype=np.int64))
+        if a.name == "value_ints" and a.type == onnx.AttributeProto.INTS:
+            return numpy_helper.from_array(np.array(list(a.ints), dtype=np.int64))
     return None
 
 

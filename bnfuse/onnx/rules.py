@@ -22,7 +22,12 @@ __all__ = ["BACKWARD_RULES", "FORWARD_RULES", "Norm", "bn_norm"]
 
 @dataclass
 class Norm:
-    """A per-channel affine on axis ``axis`` of tensor ``input`` (a BN, or BN in disguise)."""
+    """A per-channel affine on axis ``axis`` of tensor ``input`` (a BN, or BN in disguise).
+
+    ``axis`` counts from the front (a BN normalizes axis 1); None means a scalar affine,
+    the same on every element, which folds along any axis. ``rank`` is the rank of
+    ``input`` when known, so rules can tell whether ``axis`` is the last axis.
+    """
 
     name: str
     kind: str
@@ -30,12 +35,37 @@ class Norm:
     input: str
     output: str
     affine: Affine
-    axis: int = 1
+    axis: int | None = 1
     params: list[str] = field(default_factory=list)  # constant inputs, dropped if unused after
+    rank: int | None = None
 
     @property
     def channels(self) -> int:
         return self.affine.channels
+
+    @property
+    def verb(self) -> str:
+        return "normalizes" if self.kind == "BatchNormalization" else "acts on"
+
+    def channel_axis_reason(self, what: str) -> str | None:
+        """None when the affine acts on axis 1 (the NCHW channel / Gemm N axis)."""
+        if self.axis is None or self.axis == 1:
+            return None
+        where = f"a rank-{self.rank} {what}" if self.rank is not None else f"the {what}"
+        last = " (the last axis)" if self.rank is not None and self.axis == self.rank - 1 else ""
+        return f"{self.kind} {self.verb} axis {self.axis}{last} of {where}, not its channel axis 1"
+
+    def last_axis_reason(self, what: str, uses: str) -> str | None:
+        """None when the affine acts on the last axis of its tensor (or is a scalar)."""
+        if self.axis is None:
+            return None
+        if self.rank is None:
+            return f"cannot prove the {what} rank (no shape information)"
+        if self.axis != self.rank - 1:
+            return (
+                f"{self.kind} {self.verb} axis {self.axis} of a rank-{self.rank} {what}, but {uses}"
+            )
+        return None
 
 
 def bn_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str:
@@ -76,6 +106,7 @@ def bn_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str:
         affine=bn_affine(mean, var, eps, scale, bias),
         axis=1,
         params=list(node.input[1:5]),
+        rank=g.rank(node.input[0]),
     )
 
 
@@ -123,6 +154,16 @@ def _affine_n(norm: Norm, n: int) -> Affine:
     if norm.channels == n:
         return norm.affine
     return Affine(np.full(n, norm.affine.scale[0]), np.full(n, norm.affine.shift[0]))
+
+
+def _ref_attr_reason(node: onnx.NodeProto) -> str | None:
+    refs = [a.name for a in node.attribute if a.ref_attr_name]
+    if refs:
+        return (
+            f"{node.op_type} {node_label(node)!r} takes attribute(s) {', '.join(refs)} "
+            "from the enclosing function's call site"
+        )
+    return None
 
 
 def _conv_groups(node: onnx.NodeProto) -> int:
@@ -188,10 +229,15 @@ class BackwardRule:
         raise NotImplementedError
 
     def _common(self, m: BackwardMatch, g: Graph) -> str | None:
-        if m.norm.axis != 1:
-            return f"{m.norm.kind} acts on axis {m.norm.axis}, not the channel axis"
+        reason = _ref_attr_reason(m.producer) or self._axis_reason(m, g)
+        if reason:
+            return reason
         last = m.add or m.producer
         return g.intermediate_reason(last.output[0], last.op_type)
+
+    def _axis_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+        """Conv, ConvTranspose and Gemm outputs have their channels on axis 1."""
+        return m.norm.channel_axis_reason(f"{m.producer.op_type} output")
 
     @staticmethod
     def _reroute(m: BackwardMatch, g: Graph) -> None:
@@ -359,22 +405,24 @@ class MatMulBN(BackwardRule):
         w = g.const(p.input[1])
         if w.ndim != 2:
             return f"MatMul weight is {w.ndim}-D, not 2-D"
-        rank = g.rank(m.norm.input)
-        if rank is None:
-            return "cannot prove the MatMul output rank (no shape information)"
-        if rank != 2:
-            return (
-                f"{m.norm.kind} normalizes axis 1 of a rank-{rank} MatMul output, "
-                "but the MatMul weight indexes the last axis"
-            )
         reason = _channels_mismatch(m.norm, w.shape[1], "MatMul output")
         if reason:
             return reason
         if m.add is not None:
             b = g.const(self._bias_name(m))
-            if b.ndim > 2 or (b.size not in (1, w.shape[1])) or (b.ndim == 2 and b.shape[0] != 1):
+            rank = g.rank(m.norm.input)
+            limit = rank if rank is not None else 1
+            per_channel = b.size in (1, w.shape[1]) and all(d == 1 for d in b.shape[:-1])
+            if b.ndim > limit or not per_channel:
                 return f"Add bias of shape {list(b.shape)} is not per output channel"
         return None
+
+    def _axis_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+        # x @ W scales the LAST axis; any input rank works for a last-axis affine.
+        norm = m.norm
+        if norm.axis is not None and norm.rank is None:
+            norm.rank = g.rank(norm.input)
+        return norm.last_axis_reason("MatMul output", "the MatMul weight indexes the last axis")
 
     @staticmethod
     def _bias_name(m: BackwardMatch) -> str:
@@ -458,7 +506,13 @@ class BNConv(ForwardRule):
             return None
         if c.input[0] != norm.output or list(c.input).count(norm.output) != 1:
             return f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as a weight"
-        reason = _weight(g, c, 1) or _optional_const(g, c, 2) or _float_weight(g, c.input[1])
+        reason = (
+            norm.channel_axis_reason(f"{c.op_type} input")
+            or _ref_attr_reason(c)
+            or _weight(g, c, 1)
+            or _optional_const(g, c, 2)
+            or _float_weight(g, c.input[1])
+        )
         if reason:
             return reason
         w = g.const(c.input[1])
@@ -510,6 +564,9 @@ class BNGemm(ForwardRule):
         expand = 1
         if c.op_type in ("Flatten", "Reshape") and c.domain in ("", "ai.onnx"):
             via = c
+            reason = norm.channel_axis_reason(f"{c.op_type} input")
+            if reason:
+                return reason
             reason_or_expand = self._flatten_expand(norm, c, g)
             if isinstance(reason_or_expand, str):
                 return reason_or_expand
@@ -529,7 +586,7 @@ class BNGemm(ForwardRule):
             return f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as its weight"
         if c.op_type == "Gemm" and attr(c, "transA", 0):
             return "Gemm transposes its input (transA=1): BN channel axis is not the reduced axis"
-        reason = _weight(g, c, 1) or _float_weight(g, c.input[1])
+        reason = _ref_attr_reason(c) or _weight(g, c, 1) or _float_weight(g, c.input[1])
         if c.op_type == "Gemm":
             reason = reason or _optional_const(g, c, 2)
         if reason:
@@ -537,14 +594,16 @@ class BNGemm(ForwardRule):
         w = g.const(c.input[1])
         if w.ndim != 2:
             return f"{c.op_type} weight is not 2-D"
-        if via is None:
-            rank = g.rank(norm.input)
+        if via is None and norm.axis is not None:
+            # Gemm takes a 2-D input; MatMul with a 2-D weight reduces the LAST axis of an
+            # input of any rank, so a last-axis affine (or scalar) folds into its rows.
+            rank = norm.rank if norm.rank is not None else g.rank(norm.input)
             if rank is None:
                 return f"cannot prove the rank of the {c.op_type} input (no shape information)"
-            if rank != 2:
+            if (c.op_type == "Gemm" and rank != 2) or norm.axis != rank - 1:
                 return (
-                    f"{norm.kind} normalizes axis 1 of a rank-{rank} tensor but {c.op_type} "
-                    "reduces over the last axis"
+                    f"{norm.kind} {norm.verb} axis {norm.axis} of a rank-{rank} tensor but "
+                    f"{c.op_type} reduces over the last axis"
                 )
         k = w.shape[1] if (c.op_type == "Gemm" and attr(c, "transB", 0)) else w.shape[0]
         if norm.channels * expand != k and norm.channels != 1:

@@ -1,0 +1,424 @@
+"""ONNX external data: safe loading, copies without the weights, and atomic writing.
+
+A model above 2 GB cannot be one protobuf message on disk (nor be handed to onnxruntime
+as bytes), so its tensors live in a data file beside it. This module
+
+* checks every external ``location`` before anything is read: it must be a relative path
+  inside the model's directory (no absolute path, no ``..``, no symlink leading out), the
+  file must exist and be long enough;
+* reads the data tensor by tensor (one tensor's bytes in flight at a time);
+* writes a model as a small header plus one data file, again tensor by tensor, without
+  modifying the in-memory model and without serializing it whole;
+* builds a *skeleton* copy (every field, but no large tensor payload) for work that only
+  needs structure and shapes, such as ONNX shape inference.
+
+So a fold holds about two copies of the weights (the original and the fused model).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from bnfuse.errors import ModelLoadError, UnsupportedModelError
+
+__all__ = [
+    "INLINE_LIMIT",
+    "check_locations",
+    "external_locations",
+    "iter_tensors",
+    "load_external",
+    "save_with_external_data",
+    "skeleton",
+    "uses_external_data",
+    "write_model",
+]
+
+#: Tensors with fewer payload bytes stay inside the .onnx file (ONNX's own default).
+INLINE_LIMIT = 1024
+_ALIGN = 64
+_EXTERNAL = onnx.TensorProto.EXTERNAL
+_DATA_FIELDS = frozenset(
+    {
+        "raw_data",
+        "float_data",
+        "int32_data",
+        "string_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "external_data",
+        "data_location",
+    }
+)
+#: Messages that may (transitively) hold a TensorProto; everything else is copied whole.
+_HOLDERS = frozenset(
+    {
+        "ModelProto",
+        "GraphProto",
+        "NodeProto",
+        "AttributeProto",
+        "FunctionProto",
+        "SparseTensorProto",
+        "TrainingInfoProto",
+    }
+)
+_RAW_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.INT16,
+        onnx.TensorProto.INT32,
+        onnx.TensorProto.INT64,
+        onnx.TensorProto.UINT8,
+        onnx.TensorProto.UINT16,
+        onnx.TensorProto.UINT32,
+        onnx.TensorProto.UINT64,
+        onnx.TensorProto.BOOL,
+    }
+)
+
+
+# ---- walking ------------------------------------------------------------------------
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.TENSOR:
+            yield a.t
+        elif a.type == onnx.AttributeProto.TENSORS:
+            yield from a.tensors
+        elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+            yield a.sparse_tensor.values
+            yield a.sparse_tensor.indices
+        elif a.type == onnx.AttributeProto.GRAPH:
+            yield from _graph_tensors(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for sub in a.graphs:
+                yield from _graph_tensors(sub)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a model: initializers, attribute tensors, subgraphs, functions."""
+    yield from _graph_tensors(model.graph)
+    for f in model.functions:
+        for node in f.node:
+            yield from _node_tensors(node)
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """True when some tensor's payload lives in an external file (not loaded)."""
+    return any(t.data_location == _EXTERNAL for t in iter_tensors(model))
+
+
+def _info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """The distinct external data locations a model refers to, in first-use order."""
+    seen: dict[str, None] = {}
+    for t in iter_tensors(model):
+        if t.data_location == _EXTERNAL:
+            seen.setdefault(_info(t).get("location", ""), None)
+    return list(seen)
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def _int_field(info: dict[str, str], key: str, t: onnx.TensorProto, source: Path) -> int | None:
+    if key not in info:
+        return None
+    try:
+        value = int(info[key])
+    except ValueError:
+        raise ModelLoadError(
+            f"{source}: tensor {t.name!r} has a non-integer external data {key} {info[key]!r}"
+        ) from None
+    if value < 0:
+        raise ModelLoadError(f"{source}: tensor {t.name!r} has a negative external data {key}")
+    return value
+
+
+def _resolve(location: str, base: str, t: onnx.TensorProto, source: Path) -> str:
+    """The real path of an external location, or ModelLoadError when it leaves ``base``."""
+    if not location:
+        raise ModelLoadError(f"{source}: tensor {t.name!r} has external data without a location")
+    escapes = (
+        os.path.isabs(location)
+        or location.startswith(("/", "\\"))
+        or (len(location) > 1 and location[0].isalpha() and location[1] == ":")  # C:...
+        or ".." in location.replace("\\", "/").split("/")
+        or "\x00" in location
+    )
+    full = "" if escapes else os.path.realpath(os.path.join(base, location))
+    if escapes or os.path.commonpath([full, base]) != base:
+        raise ModelLoadError(
+            f"{source}: external data location {location!r} of tensor {t.name!r} points "
+            "outside the model's directory; refusing to read it"
+        )
+    return full
+
+
+def check_locations(model: onnx.ModelProto, source: Path) -> dict[str, int]:
+    """Validate every external reference of ``model`` (stored at ``source``) before reading.
+
+    Returns ``{real path: size}`` of the data files. Raises ModelLoadError for a location
+    outside the model's directory, a missing file, or offsets/lengths beyond its end.
+    """
+    base = os.path.realpath(Path(source).parent)
+    files: dict[str, int] = {}
+    for t in iter_tensors(model):
+        if t.data_location != _EXTERNAL:
+            continue
+        info = _info(t)
+        location = info.get("location", "")
+        full = _resolve(location, base, t, source)
+        if full not in files:
+            if not os.path.isfile(full):
+                raise ModelLoadError(
+                    f"{source}: external data file {location!r} (tensor {t.name!r}) is missing"
+                )
+            files[full] = os.path.getsize(full)
+        offset = _int_field(info, "offset", t, source) or 0
+        length = _int_field(info, "length", t, source)
+        end = offset + (length or 0)
+        if offset > files[full] or end > files[full]:
+            raise ModelLoadError(
+                f"{source}: external data file {location!r} is truncated (tensor {t.name!r} "
+                f"needs bytes {offset}..{end}, the file has {files[full]})"
+            )
+    return files
+
+
+def load_external(model: onnx.ModelProto, source: Path) -> list[str]:
+    """Check (see :func:`check_locations`), then read every external tensor into memory.
+
+    Returns the real paths of the data files that were read.
+    """
+    files = check_locations(model, source)
+    if not files:
+        return []
+    base = os.path.realpath(Path(source).parent)
+    handles: dict[str, Any] = {}
+    try:
+        for t in iter_tensors(model):
+            if t.data_location != _EXTERNAL:
+                continue
+            info = _info(t)
+            full = _resolve(info.get("location", ""), base, t, source)
+            f = handles.get(full)
+            if f is None:
+                f = handles[full] = open(full, "rb")  # noqa: SIM115 - closed below
+            offset = _int_field(info, "offset", t, source) or 0
+            length = _int_field(info, "length", t, source)
+            f.seek(offset)
+            data = f.read() if length is None else f.read(length)
+            if length is not None and len(data) != length:
+                raise ModelLoadError(
+                    f"{source}: external data file {info.get('location')!r} is truncated"
+                )
+            t.raw_data = data
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    except OSError as exc:
+        raise ModelLoadError(f"{source}: cannot read external data ({exc.strerror})") from None
+    finally:
+        for f in handles.values():
+            f.close()
+    return list(files)
+
+
+# ---- copying without payloads -------------------------------------------------------
+
+TensorHook = Callable[[onnx.TensorProto, onnx.TensorProto], None]
+
+
+def _copy(src: Any, dst: Any, on_tensor: TensorHook) -> None:
+    for fd, value in src.ListFields():
+        if fd.type != fd.TYPE_MESSAGE:
+            if fd.is_repeated:
+                getattr(dst, fd.name).extend(value)
+            else:
+                setattr(dst, fd.name, value)
+        elif fd.is_repeated:
+            target = getattr(dst, fd.name)
+            for item in value:
+                _copy_item(item, target.add(), on_tensor)
+        else:
+            sub = getattr(dst, fd.name)
+            sub.SetInParent()
+            _copy_item(value, sub, on_tensor)
+
+
+def _copy_item(src: Any, dst: Any, on_tensor: TensorHook) -> None:
+    name = src.DESCRIPTOR.name
+    if name == "TensorProto":
+        on_tensor(src, dst)
+    elif name in _HOLDERS:
+        _copy(src, dst, on_tensor)
+    else:
+        dst.CopyFrom(src)
+
+
+def _copy_meta(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+    """Copy a tensor's name, type, dims, ... but none of its data fields."""
+    for fd, value in src.ListFields():
+        if fd.name in _DATA_FIELDS:
+            continue
+        if fd.type != fd.TYPE_MESSAGE:
+            if fd.is_repeated:
+                getattr(dst, fd.name).extend(value)
+            else:
+                setattr(dst, fd.name, value)
+        elif fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        else:
+            getattr(dst, fd.name).CopyFrom(value)
+
+
+def _elements(t: onnx.TensorProto) -> int:
+    return int(np.prod([int(d) for d in t.dims])) if t.dims else 1
+
+
+def payload_bytes(t: onnx.TensorProto) -> int:
+    """Size of a tensor's payload in bytes (estimated from dims and type)."""
+    if t.data_location == _EXTERNAL:
+        length = _info(t).get("length")
+        return int(length) if length and length.isdigit() else INLINE_LIMIT
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        itemsize = 1
+    return _elements(t) * itemsize
+
+
+def _raw_payload(t: onnx.TensorProto) -> bytes | None:
+    """The little-endian bytes of a tensor, or None when it must stay inline."""
+    if t.data_type not in _RAW_TYPES:
+        return None
+    if t.HasField("raw_data"):
+        return t.raw_data
+    arr = numpy_helper.to_array(t)
+    data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    if len(data) != _elements(t) * arr.dtype.itemsize:
+        return None
+    return data
+
+
+def skeleton(model: onnx.ModelProto, limit: int = INLINE_LIMIT) -> onnx.ModelProto:
+    """A copy of ``model`` whose tensors of ``limit`` bytes or more carry no data.
+
+    Everything else (nodes, attributes, shapes, small constants such as Reshape targets)
+    is kept, which is what shape inference needs; the weights are not duplicated.
+    """
+
+    def hook(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+        if src.data_location != _EXTERNAL and payload_bytes(src) < limit:
+            dst.CopyFrom(src)
+        else:
+            _copy_meta(src, dst)
+
+    out = onnx.ModelProto()
+    _copy(model, out, hook)
+    return out
+
+
+# ---- writing ------------------------------------------------------------------------
+
+
+def write_model(
+    model: onnx.ModelProto, path: Path, data_path: Path, location: str, limit: int = INLINE_LIMIT
+) -> None:
+    """Write ``model`` as a header at ``path`` and its large tensors to ``data_path``.
+
+    The header refers to the data as ``location`` (relative to the header's directory).
+    ``model`` itself is not modified; tensors are copied out one at a time.
+    """
+    with open(data_path, "wb") as f:
+
+        def hook(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+            if src.data_location == _EXTERNAL:
+                raise UnsupportedModelError(
+                    f"tensor {src.name!r} refers to external data that was never loaded"
+                )
+            data = _raw_payload(src) if payload_bytes(src) >= limit else None
+            if data is None:
+                dst.CopyFrom(src)
+                return
+            _copy_meta(src, dst)
+            pad = -f.tell() % _ALIGN
+            if pad:
+                f.write(b"\0" * pad)
+            offset = f.tell()
+            f.write(data)
+            dst.data_location = _EXTERNAL
+            for key, value in (("location", location), ("offset", offset), ("length", len(data))):
+                entry = dst.external_data.add()
+                entry.key = key
+                entry.value = str(value)
+
+        header = onnx.ModelProto()
+        _copy(model, header, hook)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(path, "wb") as h:
+        h.write(header.SerializeToString())
+        h.flush()
+        os.fsync(h.fileno())
+
+
+def data_name(dest: Path) -> str:
+    """The external data file name written beside ``dest``: ``<output name>.data``."""
+    return f"{Path(dest).name}.data"
+
+
+def save_with_external_data(model: onnx.ModelProto, dest: Path) -> Path:
+    """Write ``model`` to ``dest`` plus ``<dest name>.data`` beside it, atomically.
+
+    Both files are written under temporary names in the destination directory and only
+    renamed into place once complete (data first, then the header that refers to it); on
+    any error or interrupt the temporary files are removed and nothing else changes.
+    Returns the data file's path.
+    """
+    dest = Path(dest)
+    data_dest = dest.with_name(data_name(dest))
+    tmps: list[Path] = []
+    try:
+        for target in (data_dest, dest):
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".bnfuse-tmp", dir=dest.parent
+            )
+            os.close(fd)
+            tmps.append(Path(tmp))
+        tmp_data, tmp_header = tmps
+        write_model(model, tmp_header, tmp_data, data_dest.name)
+        os.replace(tmp_data, data_dest)
+        os.replace(tmp_header, dest)
+    except BaseException:
+        for t in tmps:
+            t.unlink(missing_ok=True)
+        raise
+    return data_dest
