@@ -422,7 +422,10 @@ class _Pass:
                 else:
                     plans.append(item)
         if not candidate:
-            return _Attempt(False, reason="after: " + "; ".join(reasons))
+            shown = "; ".join(reasons[:3])
+            if len(reasons) > 3:
+                shown += f"; and {len(reasons) - 3} more"
+            return _Attempt(False, reason="after: " + shown)
         att = _Attempt(True, rule=plans[0][1].name if plans else "")
         if s.is_output(out):
             att.reason = "BN output is also a model output"

@@ -105,6 +105,9 @@ class Scope:
         self._node_offset: dict[str, int] = {}
         self._cache: dict[str, list[Node]] | None = None
         self._consumers: dict[TensorRef, list[Node]] | None = None
+        self._index: dict[str, dict[str, Any]] | None = None
+        self._outputs: list[TensorRef] | None = None
+        self._live: dict[str, Any] = {layer.name: layer for layer in live.layers}
 
     # -- reading ---------------------------------------------------------------------
 
@@ -123,10 +126,9 @@ class Scope:
         return [self.entry_name(e) for e in self.entries]
 
     def entry(self, name: str) -> dict[str, Any]:
-        for e in self.entries:
-            if self.entry_name(e) == name:
-                return e
-        raise KeyError(name)
+        if self._index is None:
+            self._index = {self.entry_name(e): e for e in self.entries}
+        return self._index[name]
 
     def class_name(self, name: str) -> str:
         return str(self.entry(name).get("class_name", ""))
@@ -138,10 +140,28 @@ class Scope:
 
     def live_layer(self, name: str) -> Any:
         """The original layer object of ``name`` (None for layers bnfuse created)."""
-        try:
-            return self.live.get_layer(name)
-        except ValueError:
-            return None
+        return self._live.get(name)
+
+    def _parse(self, e: dict[str, Any]) -> list[Node]:
+        """The call nodes of one functional config entry."""
+        name = self.entry_name(e)
+        off = self._node_offset.get(name, 0)
+        lst = []
+        for k, nd in enumerate(e.get("inbound_nodes", [])):
+            args = nd.get("args", []) if isinstance(nd, dict) else []
+            kwargs = nd.get("kwargs", {}) if isinstance(nd, dict) else {}
+            tensors = list(_walk_tensors(args)) + list(_walk_tensors(kwargs))
+            primary = None
+            shape = None
+            if len(tensors) == 1 and args and _is_keras_tensor(args[0]):
+                primary = _ref(args[0])
+                shape = _shape(args[0]["config"].get("shape"))
+            if shape is None:
+                shape = _shape((e.get("build_config") or {}).get("input_shape"))
+            lst.append(
+                Node(name, k + off, [_ref(t) for t in tensors], primary, dict(kwargs), shape)
+            )
+        return lst
 
     def _build(self) -> dict[str, list[Node]]:
         if self._cache is not None:
@@ -149,31 +169,7 @@ class Scope:
         nodes: dict[str, list[Node]] = {}
         if self.kind == "functional":
             for e in self.entries:
-                name = self.entry_name(e)
-                off = self._node_offset.get(name, 0)
-                lst = []
-                for k, nd in enumerate(e.get("inbound_nodes", [])):
-                    args = nd.get("args", []) if isinstance(nd, dict) else []
-                    kwargs = nd.get("kwargs", {}) if isinstance(nd, dict) else {}
-                    tensors = list(_walk_tensors(args)) + list(_walk_tensors(kwargs))
-                    primary = None
-                    shape = None
-                    if len(tensors) == 1 and args and _is_keras_tensor(args[0]):
-                        primary = _ref(args[0])
-                        shape = _shape(args[0]["config"].get("shape"))
-                    if shape is None:
-                        shape = _shape((e.get("build_config") or {}).get("input_shape"))
-                    lst.append(
-                        Node(
-                            name,
-                            k + off,
-                            [_ref(t) for t in tensors],
-                            primary,
-                            dict(kwargs),
-                            shape,
-                        )
-                    )
-                nodes[name] = lst
+                nodes[self.entry_name(e)] = self._parse(e)
         else:
             prev: TensorRef | None = None
             for i, e in enumerate(self.entries):
@@ -214,10 +210,13 @@ class Scope:
 
     def outputs(self) -> list[TensorRef]:
         """The scope's output tensors."""
-        if self.kind == "functional":
-            return list(_walk_refs(self.config["output_layers"]))
-        names = self.names()
-        return [(names[-1], 0, 0)] if names else []
+        if self._outputs is None:
+            if self.kind == "functional":
+                self._outputs = list(_walk_refs(self.config["output_layers"]))
+            else:
+                names = self.names()
+                self._outputs = [(names[-1], 0, 0)] if names else []
+        return list(self._outputs)
 
     def inputs(self) -> list[TensorRef]:
         if self.kind == "functional":
@@ -228,13 +227,17 @@ class Scope:
         return [(INPUT, 0, 0)]
 
     def is_output(self, ref: TensorRef) -> bool:
-        return ref in self.outputs()
+        if self._outputs is None:
+            self.outputs()
+        return ref in (self._outputs or ())
 
     # -- editing ---------------------------------------------------------------------
 
     def _invalidate(self) -> None:
         self._cache = None
         self._consumers = None
+        self._index = None
+        self._outputs = None
 
     def remove(self, name: str, replacement: dict[int, TensorRef]) -> None:
         """Delete layer ``name``; its node ``k``'s output is replaced by ``replacement[k]``.
@@ -248,13 +251,20 @@ class Scope:
             del entries[idx]
             self._invalidate()
             return
+        affected = {n.layer for k in replacement for n in self.consumers((name, k, 0))}
         del entries[idx]
-        for e in entries:
+        cache = self._build()
+        del cache[name]
+        for lname in affected:
+            e = self.entry(lname)
             for t in _walk_tensors(e.get("inbound_nodes", [])):
                 r = _ref(t)
                 if r[0] == name and r[2] == 0 and r[1] in replacement:
                     t["config"]["keras_history"] = list(replacement[r[1]])
-        self._invalidate()
+            cache[lname] = self._parse(e)
+        self._consumers = None
+        self._index = None
+        self._outputs = None
 
     def replace_with_identity(self, name: str, dtype: Any) -> None:
         """Turn layer ``name`` into an ``Identity`` of the same name (keeps its calls)."""
