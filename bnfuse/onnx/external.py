@@ -239,7 +239,7 @@ def load_external(model: onnx.ModelProto, source: Path) -> list[str]:
                     f"{source}: external data file {info.get('location')!r} is truncated"
                 )
             t.raw_data = data
-            t.data_location = onnx.TensorProto.DEFAULT
+            t.ClearField("data_location")
             del t.external_data[:]
     except OSError as exc:
         raise ModelLoadError(f"{source}: cannot read external data ({exc.strerror})") from None
