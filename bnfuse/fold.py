@@ -205,9 +205,29 @@ def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
     overflow silently to ``inf`` otherwise).
     """
     a64 = np.asarray(arr, dtype=np.float64)
+    dt = np.dtype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
-        out = a64.astype(np.dtype(dtype))
+        if dt.name == "bfloat16":
+            # ml_dtypes casts float64 -> float32 -> bfloat16 (two roundings); round once here
+            # to bfloat16's 8 significant bits, after which the casts are exact.
+            out = _round_bf16_grid(a64).astype(np.float32).astype(dt)
+        else:
+            out = a64.astype(dt)
         back = out.astype(np.float64)
     if np.any(np.isinf(back) & np.isfinite(a64)):
         raise OverflowError(f"folded values overflow {out.dtype.name}")
     return out
+
+
+_BF16_MAX = 3.3895313892515355e38
+
+
+def _round_bf16_grid(a64: F64) -> F64:
+    """Round float64 values to the nearest bfloat16 value (ties to even), as float64."""
+    mant, exp = np.frexp(a64)  # a64 = mant * 2**exp, 0.5 <= |mant| < 1
+    normal = np.ldexp(np.rint(np.ldexp(mant, 8)), exp - 8)
+    quantum = 2.0**-133  # bfloat16 subnormal spacing
+    sub = np.rint(a64 / quantum) * quantum
+    out = np.where(np.abs(a64) < 2.0**-126, sub, normal)
+    out = np.where(np.isfinite(a64), out, a64)
+    return np.where(np.abs(out) > _BF16_MAX, np.copysign(np.inf, out), out)

@@ -648,11 +648,6 @@ def test_round_to_rounds_once(dtype: Any, x: float, once: float) -> None:
     assert float(round_to(np.array([-x]), dtype)[0]) == -once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ml_dtypes casts float64 -> bfloat16 through float32 (double rounding); "
-    "round_to inherits it",
-)
 def test_round_to_bfloat16_rounds_once() -> None:
     # 1 + 2^-8 + 2^-40 is just above the bf16 midpoint between 1 and 1 + 2^-7
     assert float(round_to(np.array([1 + 2**-8 + 2**-40]), BF16)[0]) == 1 + 2**-7
