@@ -166,6 +166,35 @@ def test_mul_add_after_matmul_any_rank(rank: int, bias: bool) -> None:
     assert ops(res.model) == ["MatMul", "Add"]  # the bias Add (created when absent)
 
 
+@pytest.mark.parametrize("bias", ["none", "before", "after"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_matmul_through_last_axis_keeping_reshape(bias: str, dynamic: bool) -> None:
+    # Keras exports Dense on [N, T, K] as Reshape -> MatMul -> Reshape (-> bias Add)
+    b = GraphBuilder(seed=31)
+    x = b.input("x", [2, 3, 5])
+    flat = b.node("Reshape", [x, b.const(np.array([-1, 5], np.int64))])
+    y = b.node("MatMul", [flat, b.weight([5, 6])])
+    if bias == "before":
+        y = b.node("Add", [y, vec(b, (6,))])
+    if dynamic:  # target shape computed from the input's shape, as tf2onnx emits it
+        lead = b.node(
+            "Slice", [b.node("Shape", [x]), b.const(np.array([0])), b.const(np.array([2]))]
+        )
+        target = b.node("Concat", [lead, b.const(np.array([6]))], axis=0)
+    else:
+        target = b.const(np.array([2, 3, 6], np.int64))
+    y = b.node("Reshape", [y, target])
+    if bias == "after":
+        y = b.node("Add", [vec(b, (1, 1, 6)), y])
+    y = b.node("Mul", [y, vec(b, (6,))], name="mul")
+    y = b.node("Add", [y, vec(b, (6,))])
+    b.output(y)
+    res = folded(b.model(), 1)
+    assert res.folds[0].rule == "matmul-bn"
+    assert count_ops(res.model, "Mul") == 0
+    assert count_ops(res.model, "Add") == 1
+
+
 def test_matmul_affine_on_non_last_axis_refused() -> None:
     b = GraphBuilder(seed=7)
     x = b.input("x", [2, 3, 5])

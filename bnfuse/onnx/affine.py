@@ -35,7 +35,7 @@ __all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "count_affine_node
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_PASS_BACK = ("BatchNormalization",)
+_PASS_BACK = ("BatchNormalization", "Reshape")
 _PASS_FORWARD = ("BatchNormalization", "Flatten", "Reshape")
 _MAX_WALK = 32
 
@@ -148,11 +148,14 @@ def _is_linear(node: onnx.NodeProto, g: Graph) -> bool:
 
 
 def _is_matmul_bias(node: onnx.NodeProto, g: Graph) -> bool:
-    """An ``Add`` of a stored tensor directly after a MatMul layer: its bias."""
+    """An ``Add`` of a stored tensor right after a MatMul layer (or after the Reshape that
+    follows one, as in Keras's export of a Dense layer on a rank-3 input): its bias."""
     if node.op_type != "Add" or not _default(node) or len(node.input) != 2:
         return False
     for i in (0, 1):
         prod = g.producer.get(node.input[i])
+        if prod is not None and prod.op_type == "Reshape" and _default(prod) and prod.input:
+            prod = g.producer.get(prod.input[0])
         if prod is not None and prod.op_type == "MatMul" and _is_linear(prod, g):
             return g.stored_weight(node.input[1 - i])
     return False

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from bnfuse.fold import Affine, channel_map, check_bn, fold_backward, fold_forward
+from bnfuse.errors import FusionInvariantError
+from bnfuse.fold import Affine, channel_map, check_bn, fold_backward, fold_forward, round_to
 from bnfuse.onnx.graph import Graph, attr, node_label, set_attr
 
 __all__ = ["BACKWARD_RULES", "FORWARD_RULES", "Norm", "bn_norm"]
@@ -206,6 +207,13 @@ class BackwardMatch:
     norm: Norm
     producer: onnx.NodeProto
     add: onnx.NodeProto | None = None  # MatMul's bias Add
+    via: onnx.NodeProto | None = None  # a Reshape after the MatMul that keeps the last axis
+    last: onnx.NodeProto | None = None  # the node producing the norm's input (default: above)
+
+    @property
+    def tail(self) -> onnx.NodeProto:
+        """The node whose output is the normalization's input."""
+        return self.last or self.via or self.add or self.producer
 
 
 class BackwardRule:
@@ -232,8 +240,7 @@ class BackwardRule:
         reason = _ref_attr_reason(m.producer) or self._axis_reason(m, g)
         if reason:
             return reason
-        last = m.add or m.producer
-        return g.intermediate_reason(last.output[0], last.op_type)
+        return g.intermediate_reason(m.tail.output[0], m.tail.op_type)
 
     def _axis_reason(self, m: BackwardMatch, g: Graph) -> str | None:
         """Conv, ConvTranspose and Gemm outputs have their channels on axis 1."""
@@ -242,7 +249,7 @@ class BackwardRule:
     @staticmethod
     def _reroute(m: BackwardMatch, g: Graph) -> None:
         """Make the absorbing node produce the normalization's output; drop the norm."""
-        last = m.add or m.producer
+        last = m.tail
         old = last.output[0]
         last.output[0] = m.norm.output
         for n in m.norm.nodes:
@@ -368,37 +375,48 @@ class GemmBN(BackwardRule):
 
 
 class MatMulBN(BackwardRule):
-    """x @ W (+ b) then BN on the last axis  ==  x @ (W s[n]) + (s*b + t)."""
+    """x @ W (+ b) then BN on the last axis  ==  x @ (W s[n]) + (s*b + t).
+
+    Also through a Reshape that keeps the last axis (Keras exports a Dense on a rank-3
+    input as Reshape -> MatMul -> Reshape): with equal last dimensions, an element's
+    last-axis index is its flat index modulo that dimension on both sides, so a last-axis
+    affine commutes with the Reshape.
+    """
 
     name = "matmul-bn"
-    ops = ("MatMul", "Add")
+    ops = ("MatMul", "Add", "Reshape")
 
     def match(self, norm: Norm, g: Graph) -> BackwardMatch | None:
-        m = super().match(norm, g)
-        if m is None:
-            return None
-        if m.producer.op_type == "Add":
-            add = m.producer
-            for i in (0, 1):
-                mm = g.producer.get(add.input[i])
-                if (
-                    mm is not None
-                    and mm.op_type == "MatMul"
-                    and not g.const_reason(add.input[1 - i])
-                ):
-                    return BackwardMatch(norm, mm, add)
-            return None
-        return m
+        first = cur = g.producer.get(norm.input)
+        add = via = None
+        for _ in range(3):
+            if cur is None or cur.domain not in ("", "ai.onnx"):
+                return None
+            if cur.op_type == "MatMul":
+                return BackwardMatch(norm, cur, add, via, first)
+            if cur.op_type == "Add" and add is None and len(cur.input) == 2:
+                consts = [i for i in (0, 1) if not g.const_reason(cur.input[i])]
+                if len(consts) != 1:
+                    return None
+                add = cur
+                cur = g.producer.get(cur.input[1 - consts[0]])
+            elif cur.op_type == "Reshape" and via is None and cur.input:
+                via = cur
+                cur = g.producer.get(cur.input[0])
+            else:
+                return None
+        return None
 
     def check(self, m: BackwardMatch, g: Graph) -> str | None:
         p = m.producer
         reason = self._common(m, g)
         if reason:
             return reason
-        if m.add is not None:
-            reason = g.intermediate_reason(p.output[0], "MatMul")
-            if reason:
-                return reason
+        for n in (p, m.add, m.via):
+            if n is not None and n is not m.tail:
+                reason = g.intermediate_reason(n.output[0], n.op_type)
+                if reason:
+                    return reason
         reason = _weight(g, p, 1) or _float_weight(g, p.input[1])
         if reason:
             return reason
@@ -408,13 +426,30 @@ class MatMulBN(BackwardRule):
         reason = _channels_mismatch(m.norm, w.shape[1], "MatMul output")
         if reason:
             return reason
+        if m.via is not None and m.norm.axis is not None:  # a scalar passes any Reshape
+            reason = self._reshape_reason(m.via, int(w.shape[1]), g)
+            if reason:
+                return reason
         if m.add is not None:
             b = g.const(self._bias_name(m))
-            rank = g.rank(m.norm.input)
+            rank = g.rank(m.add.output[0])
             limit = rank if rank is not None else 1
             per_channel = b.size in (1, w.shape[1]) and all(d == 1 for d in b.shape[:-1])
             if b.ndim > limit or not per_channel:
                 return f"Add bias of shape {list(b.shape)} is not per output channel"
+        return None
+
+    @staticmethod
+    def _reshape_reason(via: onnx.NodeProto, n: int, g: Graph) -> str | None:
+        shape = g.shapes.get(via.output[0])
+        last = shape[-1] if shape else None
+        if not isinstance(last, int) and len(via.input) > 1 and not g.const_reason(via.input[1]):
+            target = g.const(via.input[1]).reshape(-1)
+            last = int(target[-1]) if target.size and int(target[-1]) > 0 else None
+        if not isinstance(last, int):
+            return "cannot prove that the Reshape after the MatMul keeps the last axis"
+        if last != n:
+            return f"the Reshape after the MatMul changes the last axis ({n} -> {last})"
         return None
 
     def _axis_reason(self, m: BackwardMatch, g: Graph) -> str | None:
@@ -426,8 +461,13 @@ class MatMulBN(BackwardRule):
 
     @staticmethod
     def _bias_name(m: BackwardMatch) -> str:
-        assert m.add is not None
-        return m.add.input[1] if m.add.input[0] == m.producer.output[0] else m.add.input[0]
+        add = m.add
+        if add is None:
+            raise FusionInvariantError("matmul-bn: no bias Add")
+        src = (m.via if m.via is not None and m.via.output[0] in add.input else m.producer).output[
+            0
+        ]
+        return add.input[1] if add.input[0] == src else add.input[0]
 
     def rewrite(self, m: BackwardMatch, g: Graph) -> str:
         p = m.producer
@@ -440,17 +480,12 @@ class MatMulBN(BackwardRule):
         w2, b2 = fold_backward(w, bias, aff, channel_map(w.shape, (1,)))
         g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
         if m.add is not None:
-            slot = 1 if m.add.input[0] == p.output[0] else 0
-            g.write_const(m.add, slot, b2, m.add.input[slot], f"{node_label(m.add)}_bias_bnfused")
+            name = self._bias_name(m)
+            slot = list(m.add.input).index(name)
+            g.write_const(m.add, slot, b2, name, f"{node_label(m.add)}_bias_bnfused")
         elif np.any(b2 != 0):
-            bias_name = g.names.new(f"{node_label(p)}_bias_bnfused")
-            from onnx import numpy_helper
-
-            from bnfuse.fold import round_to
-
             np_dtype = onnx.helper.tensor_dtype_to_np_dtype(g.const_dtype(p.input[1]))
-            g.g.initializer.append(numpy_helper.from_array(round_to(b2, np_dtype), bias_name))
-            g.inits[bias_name] = g.g.initializer[-1]
+            bias_name = g.add_const(round_to(b2, np_dtype), f"{node_label(p)}_bias_bnfused")
             mid = g.names.new(f"{p.output[0]}_matmul")
             add = onnx.helper.make_node(
                 "Add",
@@ -459,7 +494,8 @@ class MatMulBN(BackwardRule):
                 name=g.names.new(f"{node_label(p)}_bias_add"),
             )
             p.output[0] = mid
-            m = BackwardMatch(m.norm, p, g.insert_after(p, add))
+            stored = g.insert_after(p, add)
+            m = BackwardMatch(m.norm, p, stored, m.via, m.via or stored)
         self._reroute(m, g)
         return node_label(p)
 
@@ -662,7 +698,8 @@ class BNGemm(ForwardRule):
             bname = add.input[slot]
             if not g.const_reason(bname):
                 b = g.const(bname)
-                per_channel = b.ndim <= 1 or (b.ndim == 2 and b.shape[0] == 1)
+                out_rank = g.rank(add.output[0]) or 1
+                per_channel = b.ndim <= out_rank and all(d == 1 for d in b.shape[:-1])
                 if per_channel and b.size in (1, n):
                     b64 = np.broadcast_to(b.astype(np.float64).reshape(-1), (n,)) + tw
                     g.write_const(
@@ -673,14 +710,8 @@ class BNGemm(ForwardRule):
                         f"{node_label(add)}_bias_bnfused",
                     )
                     return
-        from onnx import numpy_helper
-
-        from bnfuse.fold import round_to
-
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(g.const_dtype(c.input[1]))
-        bias_name = g.names.new(f"{node_label(c)}_bias_bnfused")
-        g.g.initializer.append(numpy_helper.from_array(round_to(tw, np_dtype), bias_name))
-        g.inits[bias_name] = g.g.initializer[-1]
+        bias_name = g.add_const(round_to(tw, np_dtype), f"{node_label(c)}_bias_bnfused")
         mid = g.names.new(f"{c.output[0]}_matmul")
         new_add = onnx.helper.make_node(
             "Add", [mid, bias_name], [c.output[0]], name=g.names.new(f"{node_label(c)}_bias_add")
