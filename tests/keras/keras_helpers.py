@@ -138,6 +138,40 @@ def check_fused(
     assert before_w.keys() == after_w.keys()
     assert all(np.array_equal(before_w[k], after_w[k]) for k in before_w)
     assert model.get_config() == before_cfg
+    check_untouched(model, res)
     if compare:
         assert_same_outputs(model, res.model, xs or sample_inputs(model), rtol=rtol)
     return res
+
+
+def _leaves(model: Any, path: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for layer in model.layers:
+        key = f"{path}/{layer.name}" if path else layer.name
+        if type(layer).__name__ in ("Functional", "Sequential"):
+            out.update(_leaves(layer, key))
+        else:
+            out[key] = layer
+    return out
+
+
+def check_untouched(model: Any, res: PassResult) -> None:
+    """Names, dtype policies and the weights of every layer no fold touched are unchanged."""
+    old, new = _leaves(model), _leaves(res.model)
+    folded = {f"{f.scope}/{f.bn}" if f.scope else f.bn for f in res.folds}
+    into = {f"{f.scope}/{n}" if f.scope else n for f in res.folds for n in f.into.split(", ")}
+    kept_output = {k for k in folded if k in new}  # BN model outputs: an Identity now
+    assert set(new) == set(old) - folded | kept_output
+    for key, layer in new.items():
+        assert layer.dtype_policy.name == old[key].dtype_policy.name, key
+        if key in into or key in kept_output:
+            continue
+        a, b = old[key].get_weights(), layer.get_weights()
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), (
+            key
+        )
+    r0, r1 = BACKEND.runner(model), BACKEND.runner(res.model)
+    assert [(s.name, s.shape, s.dtype) for s in r1.inputs] == [
+        (s.name, s.shape, s.dtype) for s in r0.inputs
+    ]
+    assert list(r1.output_names) == list(r0.output_names)

@@ -397,6 +397,10 @@ CASES: dict[str, Case] = {
         lambda: chain((6,), L.Dense(5, activation="relu", name="d0"), BN(), L.Dense(3, name="lin")),
         {"bn": fwd(rule="bn-dense")},
     ),
+    "both-directions-prefers-backward": Case(
+        lambda: chain((8, 8, 3), L.Conv2D(4, 3, name="lin"), BN(), L.Conv2D(5, 3, name="c2")),
+        {"bn": back()},
+    ),
     "chain-backward-then-forward": Case(_chain, {"bn1": back("conv1"), "bn2": fwd("conv2")}),
     "mlp-three-bns": Case(
         _mlp3,
