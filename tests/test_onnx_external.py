@@ -290,3 +290,36 @@ def test_skeleton_keeps_structure_without_payloads() -> None:
         list(t.dims) for t in m.graph.initializer
     ]
     assert helper.printable_graph(sk.graph) == helper.printable_graph(m.graph)
+
+
+# ---- damaged files -------------------------------------------------------------------
+
+
+def test_tensor_data_not_matching_its_shape(tmp_path: Path) -> None:
+    m = small_model()
+    bias = next(t for t in m.graph.initializer if t.name.startswith("b"))
+    bias.raw_data = bias.raw_data[:-4]
+    onnx.save_model(m, str(tmp_path / "m.onnx"))
+    with pytest.raises(ModelLoadError, match=r"damaged ONNX model \(tensor .* holds"):
+        OnnxBackend().load(tmp_path / "m.onnx")
+
+
+def test_name_that_is_not_utf8(tmp_path: Path) -> None:
+    raw = small_model().SerializeToString()
+    name = b"bn1_out"
+    assert raw.count(name) >= 2
+    (tmp_path / "m.onnx").write_bytes(raw.replace(name, b"\xe2n1_out"))
+    with pytest.raises(ModelLoadError, match="not valid UTF-8"):
+        OnnxBackend().load(tmp_path / "m.onnx")
+
+
+def test_attribute_of_the_wrong_type_is_a_refusal() -> None:
+    m = small_model()
+    bn = next(n for n in m.graph.node if n.name == "bn1")
+    del bn.attribute[:]
+    bn.attribute.append(helper.make_attribute("epsilon", "large"))
+    res = OnnxBackend().fuse(m, FuseOptions())
+    reasons = {r.bn: r.reason for r in res.refusals}
+    assert "malformed node: attribute 'epsilon' of BatchNormalization 'bn1'" in reasons["bn1"]
+    assert "unexpected type (STRING)" in reasons["bn1"]
+    assert {f.bn for f in res.folds} == {"mul", "bn2"}

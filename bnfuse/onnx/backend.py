@@ -227,6 +227,9 @@ class OnnxBackend:
             raise ModelLoadError(
                 f"{path}: cannot read external data ({_first_line(exc)})"
             ) from None
+        reason = external.check_payloads(model)
+        if reason:
+            raise ModelLoadError(f"{path}: damaged ONNX model ({reason})")
         if files:
             self._loaded.append((model, path, files))
             self._data_files[path.resolve()] = [Path(f) for f in files]
@@ -234,6 +237,12 @@ class OnnxBackend:
 
     def _check_model(self, model: onnx.ModelProto, path: Path | None) -> None:
         where = f"{path}: " if path else ""
+        try:
+            external.check_text(model)
+        except UnicodeError:
+            raise ModelLoadError(
+                f"{where}not a readable ONNX model (a name is not valid UTF-8 text)"
+            ) from None
         if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
             raise ModelLoadError(f"{where}not an ONNX model (no graph)")
         if not model.opset_import:
@@ -250,6 +259,9 @@ class OnnxBackend:
                 f"the model's weights are in external data ({where}) that was not loaded; "
                 "pass the .onnx path instead of the ModelProto"
             )
+        reason = external.check_payloads(model)
+        if reason:
+            raise ModelLoadError(f"damaged ONNX model ({reason})")
         return model
 
     def rule_names(self) -> tuple[str, ...]:

@@ -143,6 +143,92 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
     return list(seen)
 
 
+def check_text(msg: Any) -> None:
+    """Check that every text field is valid UTF-8 (raises UnicodeError otherwise).
+
+    Protobuf does not check UTF-8 when it parses ONNX's proto2 messages; an invalid name
+    reads back as ``bytes`` and breaks later, when the pass writes it. Tensors are
+    visited without touching their payload.
+    """
+    if msg.DESCRIPTOR.name == "TensorProto":
+        texts = [msg.name, msg.doc_string]
+        texts += [x for e in msg.external_data for x in (e.key, e.value)]
+        if not all(isinstance(x, str) for x in texts):
+            raise UnicodeError(f"tensor name or metadata is not valid UTF-8: {texts[0]!r}")
+        return
+    for fd, value in msg.ListFields():
+        if fd.type == fd.TYPE_STRING:
+            texts = list(value) if fd.is_repeated else [value]
+            if not all(isinstance(x, str) for x in texts):
+                raise UnicodeError(f"{msg.DESCRIPTOR.name}.{fd.name} is not valid UTF-8 text")
+        elif fd.type == fd.TYPE_MESSAGE:
+            for item in value if fd.is_repeated else (value,):
+                check_text(item)
+
+
+_T = onnx.TensorProto
+#: typed payload field -> element types stored there (values per element)
+_FIELDS: dict[str, dict[int, int]] = {
+    "float_data": {_T.FLOAT: 1, _T.COMPLEX64: 2},
+    "double_data": {_T.DOUBLE: 1, _T.COMPLEX128: 2},
+    "int64_data": {_T.INT64: 1},
+    "uint64_data": {_T.UINT32: 1, _T.UINT64: 1},
+    "int32_data": {
+        t: 1
+        for t in (
+            _T.INT32,
+            _T.INT16,
+            _T.INT8,
+            _T.UINT16,
+            _T.UINT8,
+            _T.BOOL,
+            _T.FLOAT16,
+            _T.BFLOAT16,
+        )
+    },
+    "string_data": {_T.STRING: 1},
+}
+
+
+def payload_reason(t: onnx.TensorProto) -> str | None:
+    """None when a tensor's stored data matches its shape and type (or cannot be checked
+    cheaply: external, packed 4-bit/8-bit float types), else why not."""
+    if t.data_location == _EXTERNAL:
+        return None
+    if any(int(d) < 0 for d in t.dims):
+        return f"tensor {t.name!r} has a negative dimension"
+    n = _elements(t)
+    if t.HasField("raw_data"):
+        if t.data_type in _RAW_TYPES:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            size = len(t.raw_data)
+            if size != n * itemsize:
+                return (
+                    f"tensor {t.name!r} holds {size} bytes but its shape {list(t.dims)} "
+                    f"needs {n * itemsize}"
+                )
+        return None
+    for fname, types in _FIELDS.items():
+        if t.data_type in types:
+            have = len(getattr(t, fname))
+            if have != n * types[t.data_type]:
+                return (
+                    f"tensor {t.name!r} holds {have} values but its shape {list(t.dims)} "
+                    f"needs {n * types[t.data_type]}"
+                )
+            return None
+    return None
+
+
+def check_payloads(model: onnx.ModelProto) -> str | None:
+    """The first tensor whose data does not match its shape, as a reason; else None."""
+    for t in iter_tensors(model):
+        reason = payload_reason(t)
+        if reason:
+            return reason
+    return None
+
+
 # ---- loading ------------------------------------------------------------------------
 
 

@@ -10,7 +10,13 @@ import onnx
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError
 from bnfuse.onnx.affine import affine_norm
-from bnfuse.onnx.graph import Graph, NameSource, node_label, outer_names_used
+from bnfuse.onnx.graph import (
+    Graph,
+    MalformedNodeError,
+    NameSource,
+    node_label,
+    outer_names_used,
+)
 from bnfuse.onnx.rules import (
     BACKWARD_RULES,
     FORWARD_RULES,
@@ -213,7 +219,10 @@ def fuse_graph(
                 continue
             norm: Norm | str | None = None
             for finder in NORM_FINDERS:
-                norm = finder(node, g, opset)
+                try:
+                    norm = finder(node, g, opset)
+                except READ_ERRORS as exc:
+                    norm = _unreadable(exc)
                 if norm is not None:
                     break
             if norm is None:
@@ -242,15 +251,31 @@ def fuse_graph(
     _check_invariants(g, result, scope)
 
 
+#: Errors of *reading* a malformed graph while matching (nothing was changed yet): they
+#: become a refusal of that normalization. Errors while rewriting are not caught.
+READ_ERRORS = (MalformedNodeError, ValueError, TypeError, IndexError, KeyError)
+
+
+def _unreadable(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MalformedNodeError):
+        return f"malformed node: {text}"
+    return f"cannot read the graph around this node ({type(exc).__name__}: {text})"
+
+
 def _try_fold(
     norm: Norm, g: Graph, backward: list, forward: list, scope: str
 ) -> tuple[Fold | None, str, str]:
     reasons: list[tuple[str, str]] = []
     for rule in backward:
-        m = rule.match(norm, g)
-        if m is None:
-            continue
-        reason = rule.check(m, g)
+        try:
+            m = rule.match(norm, g)
+            if m is None:
+                continue
+            reason = rule.check(m, g)
+        except READ_ERRORS as exc:
+            reasons.append((rule.name, _unreadable(exc)))
+            break
         if reason is None:
             try:
                 into = rule.rewrite(m, g)
@@ -291,7 +316,10 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
         found: ForwardTarget | str | None = None
         rule_used = None
         for rule in forward:
-            found = rule.target(norm, c, g)
+            try:
+                found = rule.target(norm, c, g)
+            except READ_ERRORS as exc:
+                found = _unreadable(exc)
             if found is not None:
                 rule_used = rule
                 break

@@ -12,7 +12,14 @@ from onnx import numpy_helper
 
 from bnfuse.fold import round_to
 
-__all__ = ["Graph", "NameSource", "node_label", "outer_names_used", "subgraphs"]
+__all__ = [
+    "Graph",
+    "MalformedNodeError",
+    "NameSource",
+    "node_label",
+    "outer_names_used",
+    "subgraphs",
+]
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
@@ -205,12 +212,12 @@ class Graph:
     def const(self, name: str) -> np.ndarray:
         """Value of a constant (check :meth:`const_reason` first)."""
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return _to_array(self.inits[name])
         prod = self.producer.get(name)
         if prod is not None:
             tensor = _constant_value(prod)
             if tensor is not None:
-                return numpy_helper.to_array(tensor)
+                return _to_array(tensor)
         if self.outer is not None:
             return self.outer.const(name)
         raise KeyError(name)
@@ -395,6 +402,13 @@ class Graph:
         raise ValueError("anchor not in graph")
 
 
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as exc:  # payload and dims disagree, unknown type, external data
+        raise MalformedNodeError(f"tensor {t.name!r} cannot be read ({exc})") from None
+
+
 _RANK_KEEPING = frozenset(
     {
         "BatchNormalization",
@@ -445,11 +459,46 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return None
 
 
+class MalformedNodeError(ValueError):
+    """A node the pass cannot read (wrong attribute type, inconsistent tensor, ...).
+
+    Raised while *matching*; the driver turns it into a refusal for that normalization.
+    """
+
+
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    """Attribute value of a node, or ``default``."""
+    """Attribute value of a node, or ``default``.
+
+    The stored value must have the type of ``default`` (a float default also accepts an
+    int); otherwise, or for an attribute taken from a function's call site, raises
+    :class:`MalformedNodeError`.
+    """
     for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+        if a.name != name:
+            continue
+        where = f"attribute {name!r} of {node.op_type} {node_label(node)!r}"
+        if a.ref_attr_name:
+            raise MalformedNodeError(f"{where} comes from the enclosing function's call site")
+        try:
+            value = onnx.helper.get_attribute_value(a)
+        except Exception:
+            value = None
+        ok = value is not None
+        if ok and isinstance(default, bool | int) and not isinstance(default, float):
+            ok = isinstance(value, int)
+        elif ok and isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        elif ok and isinstance(default, bytes | str):
+            ok = isinstance(value, bytes | str)
+        elif ok and default is None and name in ("pads", "strides", "dilations", "kernel_shape"):
+            ok = isinstance(value, list) and all(isinstance(v, int) for v in value)
+        if not ok:
+            try:
+                kind = onnx.AttributeProto.AttributeType.Name(a.type)
+            except ValueError:
+                kind = str(a.type)
+            raise MalformedNodeError(f"{where} has an unexpected type ({kind})")
+        return value
     return default
 
 
