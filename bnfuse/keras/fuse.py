@@ -319,7 +319,8 @@ class _Pass:
             return _Attempt(False, reason="BN input is not a single tensor")
         src = srcs[0]
         if src[0] == INPUT or s.class_name(src[0]) == "InputLayer":
-            return _Attempt(False, reason="before: the model input")
+            where = f"nested model '{s.path}'" if s.path else "the model"
+            return _Attempt(False, reason=f"before: the input of {where}")
         prod = s.live_layer(src[0])
         rule = R.backward_rule_for(prod) if prod is not None else None
         if rule is None:
