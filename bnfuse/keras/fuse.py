@@ -28,7 +28,7 @@ from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError
 from bnfuse.fold import Affine, bn_affine, check_bn, round_to
 from bnfuse.keras import rules as R
-from bnfuse.keras.graph import INPUT, Node, Scope, TensorRef
+from bnfuse.keras.graph import INPUT, Node, Scope
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
@@ -494,7 +494,7 @@ class _Pass:
         shape = user.input_shape
         fout = user.output(0)
         fusers = s.consumers(fout)
-        dense_rule = R.FORWARD_RULES[1]
+        dense_rule = R.rule_by_name("bn-flatten-dense")
         results: list[tuple[Node, R.Rule, Any, str] | str] = []
         if not fusers or not all(
             (lay := s.live_layer(f.layer)) is not None and dense_rule.kind.matches(lay)
@@ -654,6 +654,3 @@ def fuse(model: Any, options: FuseOptions) -> PassResult:
     """Fold every foldable BN of ``model`` (a built Functional/Sequential model)."""
     check_rewritable(model)
     return _Pass(model, options).run()
-
-
-_ = TensorRef  # re-exported type for readers of this module

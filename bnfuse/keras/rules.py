@@ -34,6 +34,7 @@ __all__ = [
     "backward_rule_for",
     "flatten_channel_index",
     "forward_rule_for",
+    "rule_by_name",
     "rule_names",
 ]
 
@@ -293,6 +294,13 @@ RULES: tuple[Rule, ...] = BACKWARD_RULES + FORWARD_RULES
 
 def rule_names() -> tuple[str, ...]:
     return tuple(r.name for r in RULES)
+
+
+def rule_by_name(name: str) -> Rule:
+    for r in RULES:
+        if r.name == name:
+            return r
+    raise KeyError(name)
 
 
 def backward_rule_for(layer: Any) -> Rule | None:

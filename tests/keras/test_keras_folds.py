@@ -483,3 +483,14 @@ def test_fold(case_id: str) -> None:
         assert api.validation is not None and api.validation.passed
     assert api.after.bn_nodes == len(case.refusals)
     assert [f.channels > 0 for f in res.folds] == [True] * len(res.folds)
+
+
+def test_transposed_conv_spreads_a_constant_unevenly() -> None:
+    """Why a BN shift cannot fold forward into a transposed convolution, even 'valid':
+    a constant input does not give a constant output per channel (borders sum fewer taps),
+    so ``W·t`` is no bias."""
+    import numpy as np
+
+    layer = L.Conv2DTranspose(2, 3, strides=2, use_bias=False)
+    out = np.asarray(layer(np.ones((1, 4, 4, 3), "float32")))
+    assert not np.allclose(out, out[:1, :1, :1, :])

@@ -328,3 +328,19 @@ def test_stats_match_keras_counts() -> None:
         2,
         0,
     )
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_round_trip_keeps_output_names_and_nested_models(tmp_path: Path, suffix: str) -> None:
+    m = two_io()
+    f = fuse(m).model  # its BN output is a model output: kept by an Identity
+    out = tmp_path / f"two{suffix}"
+    BACKEND.save(f, out)
+    back = BACKEND.load(out)
+    assert list(BACKEND.runner(back).output_names) == ["head", "bn_out"]
+    rng = np.random.default_rng(1)
+    feeds = [
+        rng.normal(size=(2, 6)).astype("float32"),
+        rng.normal(size=(2, 4, 2)).astype("float32"),
+    ]
+    assert_same_outputs(m, back, feeds)
