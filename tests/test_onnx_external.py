@@ -323,3 +323,43 @@ def test_attribute_of_the_wrong_type_is_a_refusal() -> None:
     assert "malformed node: attribute 'epsilon' of BatchNormalization 'bn1'" in reasons["bn1"]
     assert "unexpected type (STRING)" in reasons["bn1"]
     assert {f.bn for f in res.folds} == {"mul", "bn2"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_fold_holds_about_one_extra_copy_of_the_weights(tmp_path: Path) -> None:
+    """The fused copy shares no memory with the original but duplicates each weight only
+    once, folded or not (a full copy followed by rewriting the folded weights, or
+    rebuilding the initializer list, would hold several)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from onnx_util import GraphBuilder
+        from bnfuse.backend import FuseOptions
+        from bnfuse.onnx.backend import OnnxBackend
+
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+        b = GraphBuilder(seed=0)
+        y = b.input("x", ["N", 1024])
+        for _ in range(12):  # 12 x 4 MiB weights, each followed by a BN
+            y = b.bn(b.node("MatMul", [y, b.const(np.full((1024, 1024), 0.01, np.float32))]), 1024)
+        b.output(y)
+        m = b.model()  # (b stays alive: memory it frees would be reused and hide growth)
+        before = rss()
+        res = OnnxBackend().fuse(m, FuseOptions())
+        assert len(res.folds) == 12
+        print((rss() - before) / (12 * 4 * 2**20))
+        """
+    )
+    # large blocks straight from mmap, so that freed memory leaves the RSS at once
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 1.6

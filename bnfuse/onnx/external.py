@@ -432,6 +432,62 @@ def skeleton(model: onnx.ModelProto, limit: int = INLINE_LIMIT) -> onnx.ModelPro
     return out
 
 
+# ---- lazy copies: the fused model shares nothing, yet duplicates no weight ------------
+
+LAZY_LOCATION = "bnfuse-lazy"
+
+
+def lazy_copy(
+    model: onnx.ModelProto, limit: int = INLINE_LIMIT
+) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A copy of ``model`` whose large tensors are placeholders for the originals.
+
+    A placeholder keeps the tensor's name, type and dims and refers to ``sources[i]`` (the
+    original tensor). Reading it goes through :func:`lazy_source`; overwriting it (a fold
+    writes a new weight) drops the reference; :func:`materialize` copies the data of the
+    placeholders left over. The copy then holds each weight once, whichever was changed:
+    with protobuf's arena allocation, copying everything first and overwriting the folded
+    weights afterwards would hold them twice in the copy.
+    """
+    sources: list[onnx.TensorProto] = []
+
+    def hook(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+        if src.data_location == _EXTERNAL or payload_bytes(src) < limit:
+            dst.CopyFrom(src)
+            return
+        _copy_meta(src, dst)
+        dst.data_location = _EXTERNAL
+        for key, value in (("location", LAZY_LOCATION), ("offset", str(len(sources)))):
+            entry = dst.external_data.add()
+            entry.key = key
+            entry.value = value
+        sources.append(src)
+
+    out = onnx.ModelProto()
+    _copy(model, out, hook)
+    return out, sources
+
+
+def lazy_source(t: onnx.TensorProto, sources: list[onnx.TensorProto]) -> onnx.TensorProto | None:
+    """The original tensor a :func:`lazy_copy` placeholder stands for, or None."""
+    if t.data_location != _EXTERNAL or not sources:
+        return None
+    info = _info(t)
+    if info.get("location") != LAZY_LOCATION:
+        return None
+    return sources[int(info["offset"])]
+
+
+def materialize(model: onnx.ModelProto, sources: list[onnx.TensorProto]) -> None:
+    """Fill every placeholder left in ``model`` with its original tensor's data."""
+    if not sources:
+        return
+    for t in iter_tensors(model):
+        src = lazy_source(t, sources)
+        if src is not None:
+            t.CopyFrom(src)
+
+
 # ---- writing ------------------------------------------------------------------------
 
 

@@ -109,15 +109,17 @@ def fuse_model(model: onnx.ModelProto, options: FuseOptions) -> PassResult:
     Folds inside the main graph, every subgraph (If branches, Loop/Scan bodies, nested)
     and every model-local function body.
     """
-    fused = onnx.ModelProto()
-    fused.CopyFrom(model)
+    from bnfuse.onnx.external import lazy_copy, materialize
+
+    fused, lazy = lazy_copy(model)  # weights are read from ``model`` until written
     opset = _opset(fused.opset_import, 0)
     names = NameSource(fused)
     result = PassResult(model=fused)
     shapes = shape_tree(fused)
-    fuse_graph(fused.graph, names, options, opset, shapes, result, outer=None, scope="")
+    fuse_graph(fused.graph, names, options, opset, shapes, result, outer=None, scope="", lazy=lazy)
     for f in fused.functions:
-        _fuse_function(f, names, options, _opset(f.opset_import, opset), result)
+        _fuse_function(f, names, options, _opset(f.opset_import, opset), result, lazy)
+    materialize(fused, lazy)
     return result
 
 
@@ -126,7 +128,12 @@ def _opset(imports: Iterable[onnx.OperatorSetIdProto], default: int) -> int:
 
 
 def _fuse_function(
-    f: onnx.FunctionProto, names: NameSource, options: FuseOptions, opset: int, result: PassResult
+    f: onnx.FunctionProto,
+    names: NameSource,
+    options: FuseOptions,
+    opset: int,
+    result: PassResult,
+    lazy: list[onnx.TensorProto],
 ) -> None:
     """Fold inside a function body: its weights are Constant nodes (inputs are not constants)."""
     body = onnx.GraphProto(name=f.name)
@@ -135,7 +142,9 @@ def _fuse_function(
     body.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in f.output)
     scope = f"function {f.domain}.{f.name}" if f.domain else f"function {f.name}"
     before = len(result.folds)
-    fuse_graph(body, names, options, opset, ShapeTree(), result, None, scope, function=True)
+    fuse_graph(
+        body, names, options, opset, ShapeTree(), result, None, scope, function=True, lazy=lazy
+    )
     if len(result.folds) != before:
         if body.initializer:
             raise FusionInvariantError("a function body gained an initializer", scope=scope)
@@ -189,6 +198,7 @@ def fuse_graph(
     scope: str,
     *,
     function: bool = False,
+    lazy: list[onnx.TensorProto] | None = None,
 ) -> None:
     """Fold inside one graph until nothing changes; refusals are those of the final state.
 
@@ -207,6 +217,7 @@ def fuse_graph(
         outer,
         tree.values,
         function=function,
+        lazy=lazy if lazy is not None else [],
     )
     _fuse_subgraphs(g, names, options, opset, tree, result, scope)
     refused: dict[str, Refusal] = {}

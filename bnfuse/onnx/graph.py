@@ -112,6 +112,8 @@ class Graph:
     shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
     #: True for a function body: no initializers, new constants become Constant nodes.
     function: bool = False
+    #: originals of the placeholder tensors of a lazy copy (see ``external.lazy_copy``)
+    lazy: list[onnx.TensorProto] = field(default_factory=list)
     producer: dict[str, onnx.NodeProto] = field(init=False)
     consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
     inits: dict[str, onnx.TensorProto] = field(init=False)
@@ -212,12 +214,12 @@ class Graph:
     def const(self, name: str) -> np.ndarray:
         """Value of a constant (check :meth:`const_reason` first)."""
         if name in self.inits:
-            return _to_array(self.inits[name])
+            return self._to_array(self.inits[name])
         prod = self.producer.get(name)
         if prod is not None:
             tensor = _constant_value(prod)
             if tensor is not None:
-                return _to_array(tensor)
+                return self._to_array(tensor)
         if self.outer is not None:
             return self.outer.const(name)
         raise KeyError(name)
@@ -285,6 +287,12 @@ class Graph:
             return max(r, len(self._dims(c)))
         return None
 
+    def _to_array(self, t: onnx.TensorProto) -> np.ndarray:
+        g: Graph | None = self
+        while g is not None and not g.lazy:
+            g = g.outer
+        return _to_array(t, g.lazy if g is not None else [])
+
     def _dims(self, name: str) -> tuple[int, ...]:
         if name in self.inits:
             return tuple(int(d) for d in self.inits[name].dims)
@@ -313,35 +321,40 @@ class Graph:
         old = node.input[slot] if slot < len(node.input) else ""
         if old and self._exclusively_used(old, node, slot):
             if old in self.inits:
-                self.inits[old].CopyFrom(numpy_helper.from_array(arr, old))
+                set_tensor(self.inits[old], arr, dtype_id)
                 return
             prod = self.producer.get(old)
             value = _value_attr(prod) if prod is not None and prod.op_type == "Constant" else None
             if value is not None:
-                value.t.CopyFrom(numpy_helper.from_array(arr, value.t.name))
+                set_tensor(value.t, arr, dtype_id)
                 return
-        name = self.add_const(arr, base)
+        name = self.add_const(arr, base, dtype_id)
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = name
 
-    def add_const(self, arr: np.ndarray, base: str) -> str:
+    def add_const(self, arr: np.ndarray, base: str, dtype_id: int | None = None) -> str:
         """Store a new constant under a fresh name (an initializer, or in a function
         body a ``Constant`` node placed first); return the name."""
         name = self.names.new(base)
+        if dtype_id is None:
+            dtype_id = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
         if self.function:
             const = onnx.helper.make_node(
-                "Constant",
-                [],
-                [name],
-                name=self.names.new(f"{name}_const"),
-                value=numpy_helper.from_array(arr, name),
+                "Constant", [], [name], name=self.names.new(f"{name}_const")
             )
+            value = const.attribute.add()
+            value.name = "value"
+            value.type = onnx.AttributeProto.TENSOR
+            value.t.name = name
+            set_tensor(value.t, arr, dtype_id)
             self.g.node.insert(0, const)
             self.producer[name] = self.g.node[0]
         else:
-            self.g.initializer.append(numpy_helper.from_array(arr, name))
-            self.inits[name] = self.g.initializer[-1]
+            t = self.g.initializer.add()
+            t.name = name
+            set_tensor(t, arr, dtype_id)
+            self.inits[name] = t
         return name
 
     def _exclusively_used(self, name: str, node: onnx.NodeProto, slot: int) -> bool:
@@ -383,10 +396,10 @@ class Graph:
             for n in self.g.node
             if n.op_type == "Constant" and len(n.output) == 1 and n.output[0] in unused
         ]
-        if dead:
-            keep = [t for t in self.g.initializer if t.name not in dead]
-            del self.g.initializer[:]
-            self.g.initializer.extend(keep)
+        if dead:  # delete in place: rebuilding the list would copy every tensor
+            for i in reversed(range(len(self.g.initializer))):
+                if self.g.initializer[i].name in dead:
+                    del self.g.initializer[i]
         for n in dead_nodes:
             self.remove_node(n)
         if dead or dead_nodes:
@@ -402,7 +415,10 @@ class Graph:
         raise ValueError("anchor not in graph")
 
 
-def _to_array(t: onnx.TensorProto) -> np.ndarray:
+def _to_array(t: onnx.TensorProto, lazy: list[onnx.TensorProto]) -> np.ndarray:
+    from bnfuse.onnx.external import lazy_source
+
+    t = lazy_source(t, lazy) or t
     try:
         return numpy_helper.to_array(t)
     except Exception as exc:  # payload and dims disagree, unknown type, external data
@@ -431,6 +447,35 @@ _RANK_KEEPING = frozenset(
         "Dropout",
     }
 )
+
+
+_DATA_FIELDS = (
+    "float_data",
+    "int32_data",
+    "string_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+    "external_data",
+    "data_location",
+)
+
+
+def set_tensor(t: onnx.TensorProto, arr: np.ndarray, dtype_id: int) -> None:
+    """Overwrite a tensor's data (and dims/type) with ``arr``, in place.
+
+    Written as ``raw_data`` directly: going through ``numpy_helper.from_array`` and
+    ``CopyFrom`` would keep the temporary tensor's memory alive with the model's.
+    """
+    for f in _DATA_FIELDS:
+        t.ClearField(f)
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    t.data_type = dtype_id
+    del t.dims[:]
+    t.dims.extend(int(d) for d in arr.shape)
+    t.raw_data = arr.tobytes()
 
 
 def _value_attr(node: onnx.NodeProto) -> onnx.AttributeProto | None:

@@ -484,8 +484,11 @@ class MatMulBN(BackwardRule):
             slot = list(m.add.input).index(name)
             g.write_const(m.add, slot, b2, name, f"{node_label(m.add)}_bias_bnfused")
         elif np.any(b2 != 0):
-            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(g.const_dtype(p.input[1]))
-            bias_name = g.add_const(round_to(b2, np_dtype), f"{node_label(p)}_bias_bnfused")
+            dtype_id = g.const_dtype(p.input[1])
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_id)
+            bias_name = g.add_const(
+                round_to(b2, np_dtype), f"{node_label(p)}_bias_bnfused", dtype_id
+            )
             mid = g.names.new(f"{p.output[0]}_matmul")
             add = onnx.helper.make_node(
                 "Add",
@@ -710,8 +713,9 @@ class BNGemm(ForwardRule):
                         f"{node_label(add)}_bias_bnfused",
                     )
                     return
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(g.const_dtype(c.input[1]))
-        bias_name = g.add_const(round_to(tw, np_dtype), f"{node_label(c)}_bias_bnfused")
+        dtype_id = g.const_dtype(c.input[1])
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_id)
+        bias_name = g.add_const(round_to(tw, np_dtype), f"{node_label(c)}_bias_bnfused", dtype_id)
         mid = g.names.new(f"{c.output[0]}_matmul")
         new_add = onnx.helper.make_node(
             "Add", [mid, bias_name], [c.output[0]], name=g.names.new(f"{node_label(c)}_bias_add")
