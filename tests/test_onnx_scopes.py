@@ -332,3 +332,12 @@ def test_function_input_weight_refused() -> None:
     assert res.refusals[0].scope == "function my.domain.ConvBn"
     assert "'fw' is a function input, not a constant" in res.refusals[0].reason
     assert res.model.functions[0] == m.functions[0]
+
+
+def test_count_affine_nodes_sees_subgraphs_and_functions() -> None:
+    from bnfuse.onnx.affine import count_affine_nodes
+
+    assert count_affine_nodes(if_model()) == {"BatchNormalization": 2, "affine": 2}
+    assert count_affine_nodes(function_model()) == {"BatchNormalization": 1, "affine": 1}
+    res = fuse(if_model())
+    assert count_affine_nodes(res.model) == {"BatchNormalization": 0, "affine": 0}

@@ -21,14 +21,13 @@ any layer, is never reported. An ``Add`` right after a MatMul is that MatMul's b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from bnfuse.fold import Affine
-from bnfuse.onnx.graph import FLOAT_TYPES, Graph, node_label, subgraphs
+from bnfuse.onnx.graph import FLOAT_TYPES, Graph, node_label
 from bnfuse.onnx.rules import Norm
 
 __all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "count_affine_nodes", "step_of"]
@@ -301,44 +300,41 @@ def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None
     )
 
 
-def _graphs(model: onnx.ModelProto) -> Iterator[tuple[onnx.GraphProto, bool]]:
-    def walk(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-        yield graph
-        for n in graph.node:
-            for sub in subgraphs(n):
-                yield from walk(sub)
-
-    for gr in walk(model.graph):
-        yield gr, False
-    for f in model.functions:
-        body = onnx.GraphProto(name=f.name, node=f.node)
-        body.input.extend(onnx.helper.make_empty_tensor_value_info(i) for i in f.input)
-        body.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in f.output)
-        for gr in walk(body):
-            yield gr, gr is body
-
-
 def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str, int]:
     """BN-equivalent nodes of a model: BatchNormalization nodes, and Mul/Add/Sub/Div by a
     per-channel (or scalar) constant next to a linear layer (a MatMul's bias Add excluded).
 
-    Counted over the main graph, subgraphs and function bodies; returns
-    ``{"BatchNormalization": n, "affine": m}``.
+    Counted over the main graph, subgraphs (whose outer-scope constants count) and
+    function bodies; returns ``{"BatchNormalization": n, "affine": m}``.
     """
-    from bnfuse.onnx.fuse import shape_map
+    from bnfuse.onnx.fuse import ShapeTree, shape_tree
     from bnfuse.onnx.graph import NameSource
 
     names = NameSource(model)
-    shape_info = shape_map(model) if shapes else {}
-    bns = affines = 0
-    for graph, is_function in _graphs(model):
-        g = Graph(graph, names, True, None, shape_info, function=is_function)
-        for n in graph.node:
+    counts = {"BatchNormalization": 0, "affine": 0}
+
+    def walk(graph: onnx.GraphProto, tree: ShapeTree, outer: Graph | None, fn: bool) -> None:
+        g = Graph(graph, names, True, outer, tree.values, function=fn)
+        for i, n in enumerate(graph.node):
             if n.op_type == "BatchNormalization" and _default(n):
-                bns += 1
+                counts["BatchNormalization"] += 1
             elif n.op_type in AFFINE_OPS and not _is_matmul_bias(n, g):
-                st = step_of(n, g)
+                try:
+                    st = step_of(n, g)
+                except ValueError:  # unreadable constant: not counted
+                    st = None
                 x = _non_const_input(n, g)
                 if isinstance(st, Step) and x is not None and near_linear(x, n.output[0], g):
-                    affines += 1
-    return {"BatchNormalization": bns, "affine": affines}
+                    counts["affine"] += 1
+            for a in n.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                for j, sub in enumerate(subs):
+                    walk(sub, tree.children.get((i, a.name, j), ShapeTree()), g, False)
+
+    walk(model.graph, shape_tree(model) if shapes else ShapeTree(), None, False)
+    for f in model.functions:
+        body = onnx.GraphProto(name=f.name, node=f.node)
+        body.input.extend(onnx.helper.make_empty_tensor_value_info(i) for i in f.input)
+        body.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in f.output)
+        walk(body, ShapeTree(), None, True)
+    return counts
