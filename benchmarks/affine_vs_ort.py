@@ -372,7 +372,40 @@ def latency_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def write_results(rows: list[Row], info: dict[str, str], path: Path, seconds: float) -> None:
+def findings(rows: list[Row]) -> list[str]:
+    """One sentence per model, computed from the numbers (no hand-picked wording)."""
+    lines = []
+    for r in rows:
+        left = {k: r.counts[k][0] + r.counts[k][1] for k in r.counts}
+        ort = min(left["ort_basic"], left["ort_extended"])
+        if left["bnfuse"] < ort:
+            verdict = f"bnfuse leaves {left['bnfuse']}, onnxruntime {ort}: bnfuse folds more"
+        elif left["bnfuse"] == ort:
+            verdict = f"both leave {ort}: a tie (onnxruntime folds these itself)"
+        else:
+            verdict = f"bnfuse leaves {left['bnfuse']}, onnxruntime {ort}: onnxruntime folds more"
+        t = r.timing
+        speed = t["ort_extended"].median / t["bnfuse"].median
+        if speed >= 1.03:
+            lat = f"bnfuse's output is {speed:.2f}x faster than onnxruntime's at ORT_ENABLE_ALL"
+        elif speed <= 1 / 1.03:
+            lat = f"bnfuse's output is {1 / speed:.2f}x slower than onnxruntime's"
+        else:
+            lat = "same latency as onnxruntime's output (within 3%)"
+        extra = ""
+        if r.counts["bnfuse"][2] > r.counts["ort_extended"][2]:
+            extra = (
+                f"; onnxruntime's EXTENDED graph has fewer nodes overall "
+                f"({r.counts['ort_extended'][2]} vs {r.counts['bnfuse'][2]}: activation and "
+                "layout fusions bnfuse does not do)"
+            )
+        lines.append(f"- {r.name}: {verdict}; {lat}{extra}.")
+    return lines
+
+
+def write_results(
+    rows: list[Row], info: dict[str, str], path: Path, seconds: float, notes: list[str]
+) -> None:
     out = [
         "# BN in disguise (Mul/Add) on Keras 3 exports: bnfuse vs onnxruntime",
         "",
@@ -381,6 +414,11 @@ def write_results(rows: list[Row], info: dict[str, str], path: Path, seconds: fl
         "## Machine",
         "",
         *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+        "## Findings",
+        "",
+        *findings(rows),
+        *[f"- {n}" for n in notes],
         "",
         "## BN-equivalent nodes left",
         "",
@@ -433,6 +471,7 @@ def main() -> None:
     ap.add_argument(
         "--keep", type=Path, default=None, help="keep the exported/optimized models here"
     )
+    ap.add_argument("--note", action="append", default=[], help="a Findings line (repeatable)")
     args = ap.parse_args()
     names = [n for n in args.models.split(",") if n] or list(QUICK if args.quick else MODELS)
     unknown = sorted(set(names) - set(MODELS))
@@ -453,11 +492,13 @@ def main() -> None:
     print("\n".join(count_table(rows)))
     print()
     print("\n".join(latency_table(rows)))
+    print()
+    print("\n".join(findings(rows)))
     for r in rows:
         for x in r.refusals:
             print(f"refused in {r.name}: {x}")
     if results is not None:
-        write_results(rows, info, results, args.seconds)
+        write_results(rows, info, results, args.seconds, args.note)
         print(f"\nwrote {results}")
 
 

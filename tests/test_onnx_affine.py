@@ -510,3 +510,14 @@ def test_count_affine_nodes() -> None:
     res = fuse(m)
     assert count_affine_nodes(res.model) == {"BatchNormalization": 0, "affine": 0}
     assert all(n.op_type not in AFFINE or n.name.startswith("add") for n in res.model.graph.node)
+
+
+def test_skip_const_affine() -> None:
+    b = GraphBuilder(seed=32)
+    y = conv4(b)
+    y = b.node("Mul", [b.bn(y, 4), vec(b, (1, 4, 1, 1))])
+    b.output(y)
+    res = fuse(b.model(), skip_rules=frozenset({"const-affine"}))
+    assert [f.kind for f in res.folds] == ["BatchNormalization"]
+    assert not res.refusals
+    assert ops(res.model) == ["Conv", "Mul"]

@@ -28,8 +28,12 @@ from bnfuse.result import Fold, Refusal
 
 __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model", "shape_map"]
 
-RULE_NAMES: tuple[str, ...] = tuple(r.name for r in BACKWARD_RULES) + tuple(
-    r.name for r in FORWARD_RULES
+#: Skipping this name (``--skip const-affine``) stops Mul/Add/Sub/Div chains from being
+#: recognised as normalizations; BatchNormalization nodes still fold.
+AFFINE_FINDER = "const-affine"
+
+RULE_NAMES: tuple[str, ...] = (
+    tuple(r.name for r in BACKWARD_RULES) + tuple(r.name for r in FORWARD_RULES) + (AFFINE_FINDER,)
 )
 
 NormFinder = Callable[[onnx.NodeProto, Graph, int], "Norm | str | None"]
@@ -220,6 +224,9 @@ def fuse_graph(
         lazy=lazy if lazy is not None else [],
     )
     _fuse_subgraphs(g, names, options, opset, tree, result, scope)
+    finders = [
+        f for f in NORM_FINDERS if not (f is affine_norm and AFFINE_FINDER in options.skip_rules)
+    ]
     refused: dict[str, Refusal] = {}
     removed: set[int] = set()
     while True:
@@ -229,7 +236,7 @@ def fuse_graph(
             if id(node) in removed:
                 continue
             norm: Norm | str | None = None
-            for finder in NORM_FINDERS:
+            for finder in finders:
                 try:
                     norm = finder(node, g, opset)
                 except READ_ERRORS as exc:
