@@ -182,3 +182,46 @@ def test_bn_rank3_before_matmul_refused() -> None:
     res = fuse(b.model())
     assert not res.folds
     assert "rank-3" in res.refusals[0].reason
+
+
+@pytest.mark.parametrize(
+    ("const_shape", "via"),
+    [
+        ((1, 4, 5), "Flatten"),  # element-wise input standardization (one value per pixel)
+        ((1, 4, 1), "Flatten"),  # per-row (axis 1)
+        ((5,), "Reshape"),  # per-column (last axis), as Keras's exporter emits it
+        ((), "Flatten"),  # scalar
+    ],
+)
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_first_layer_affine_flatten_dense(const_shape: tuple[int, ...], via: str, op: str) -> None:
+    # Input (N, 4, 5) -> Mul(c) -> Add(c) -> Flatten/Reshape -> Dense: a StandardScaler in the graph.
+    b = GraphBuilder(seed=13)
+    x = b.input("x", ["N", 4, 5])
+    y = b.node("Mul", [x, b.const(b.r.uniform(0.5, 2, const_shape).astype(np.float32))])
+    y = b.node("Add", [y, b.const(b.r.normal(0, 1, const_shape).astype(np.float32))])
+    if via == "Flatten":
+        y = b.node("Flatten", [y])
+    else:
+        y = b.node("Reshape", [y, b.const(np.array([-1, 20], np.int64))])
+    y = b.node(op, [y, b.weight([20, 3])])
+    b.output(y)
+    m = b.model()
+    res = fuse(m)
+    assert len(res.folds) == 1, res.refusals
+    assert res.folds[0].direction == "forward" and res.folds[0].kind == "Mul+Add"
+    assert count_ops(res.model, "Mul") == 0 and count_ops(res.model, "Add") <= (
+        1 if op == "MatMul" else 0
+    )
+    assert_close(m, res.model)
+
+
+def test_elementwise_affine_before_conv_refused() -> None:
+    b = GraphBuilder(seed=14)
+    x = b.input("x", ["N", 2, 5, 5])
+    y = b.node("Mul", [x, b.const(b.r.uniform(0.5, 2, (1, 2, 5, 5)).astype(np.float32))])
+    y = b.conv(y, 2, 3, [3, 3])
+    b.output(y)
+    res = fuse(b.model())
+    assert not res.folds
+    assert "varies along several axes" in res.refusals[0].reason

@@ -28,7 +28,7 @@ import onnx
 
 from bnfuse.fold import Affine
 from bnfuse.onnx.graph import FLOAT_TYPES, Graph, node_label
-from bnfuse.onnx.rules import Norm
+from bnfuse.onnx.rules import ELEMENTWISE, Norm
 
 __all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "count_affine_nodes", "step_of"]
 
@@ -47,8 +47,9 @@ class Step:
     x: str
     const: str
     affine: Affine  # 1 element for a scalar, else one per channel
-    axis: int | None  # None: a scalar (the same on every element)
+    axis: int | None  # None: a scalar (the same on every element); ELEMENTWISE: see below
     rank: int | None
+    elem_shape: tuple[int, ...] | None = None  # element-wise: constant shape aligned to rank
 
 
 def _default(node: onnx.NodeProto) -> bool:
@@ -102,6 +103,17 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
             )
         aligned = [1] * (rank - value.ndim) + shape
         varying = [i for i, d in enumerate(aligned) if d != 1]
+        xshape = g.shapes.get(x)
+        if (
+            len(varying) > 1
+            and 0 not in varying
+            and xshape is not None
+            and all(isinstance(xshape[i], int) and xshape[i] == aligned[i] for i in varying)
+        ):
+            elem = _elementwise_affine(op, value, bool(ka))
+            if isinstance(elem, str):
+                return elem
+            return Step(node, x, c, elem, ELEMENTWISE, rank, tuple(aligned))
         if len(varying) > 1:
             return (
                 f"{op} constant of shape {shape} varies along axes {varying} of its "
@@ -131,6 +143,22 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
     if not (np.all(np.isfinite(aff.scale)) and np.all(np.isfinite(aff.shift))):
         return f"{op} constant gives a non-finite affine"
     return Step(node, x, c, aff, axis, rank)
+
+
+def _elementwise_affine(op: str, value: np.ndarray, const_first: bool) -> Affine | str:
+    vec = value.astype(np.float64).reshape(-1)
+    if not np.all(np.isfinite(vec)):
+        return f"{op} constant is not finite (NaN or Inf)"
+    ones, zeros = np.ones_like(vec), np.zeros_like(vec)
+    if op == "Mul":
+        return Affine(vec, zeros)
+    if op == "Add":
+        return Affine(ones, vec)
+    if op == "Sub":
+        return Affine(-ones, vec) if const_first else Affine(ones, -vec)
+    if np.any(vec == 0):
+        return "Div by a constant that contains 0"
+    return Affine(1.0 / vec, zeros)
 
 
 def _rank_text(rank: int | None) -> str:
@@ -219,7 +247,12 @@ def _prev_step(step: Step, g: Graph) -> Step | None:
     return prev
 
 
-def _compatible(axis: int | None, n: int, st: Step) -> bool:
+def _compatible(axis: int | None, n: int, st: Step, elem: tuple[int, ...] | None) -> bool:
+    scalar = st.axis is None and st.affine.channels == 1
+    if elem is not None or st.elem_shape is not None:
+        # element-wise chains take scalars and constants of the very same shape
+        chain_scalar = axis is None and n == 1
+        return scalar or st.elem_shape == elem or (chain_scalar and st.elem_shape is not None)
     if st.axis is not None and axis is not None and st.axis != axis:
         return False
     m = st.affine.channels
@@ -229,16 +262,17 @@ def _compatible(axis: int | None, n: int, st: Step) -> bool:
 def _chain_from(head: Step, g: Graph) -> list[Step]:
     """The longest chain of single-consumer steps starting at ``head`` on one axis."""
     steps = [head]
-    axis, n = head.axis, head.affine.channels
+    axis, n, elem = head.axis, head.affine.channels, head.elem_shape
     while True:
         out = steps[-1].node.output[0]
         nxt = g.only_consumer(out)
         if nxt is None:
             break
         st = step_of(nxt, g)
-        if not isinstance(st, Step) or st.x != out or not _compatible(axis, n, st):
+        if not isinstance(st, Step) or st.x != out or not _compatible(axis, n, st, elem):
             break
         steps.append(st)
+        elem = elem if elem is not None else st.elem_shape
         axis = axis if axis is not None else st.axis
         n = max(n, st.affine.channels)
     return steps
@@ -284,9 +318,11 @@ def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None
         return None
     aff = chain[0].affine
     axis = chain[0].axis
+    elem = chain[0].elem_shape
     for s in chain[1:]:
         aff = aff.then(s.affine)
         axis = axis if axis is not None else s.axis
+        elem = elem if elem is not None else s.elem_shape
     return Norm(
         name=node_label(node),
         kind="+".join(s.node.op_type for s in chain),
@@ -297,6 +333,7 @@ def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None
         axis=axis,
         rank=chain[0].rank,
         params=[s.const for s in chain],
+        elem_shape=elem,
     )
 
 

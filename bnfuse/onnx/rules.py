@@ -18,7 +18,10 @@ from bnfuse.errors import FusionInvariantError
 from bnfuse.fold import Affine, channel_map, check_bn, fold_backward, fold_forward, round_to
 from bnfuse.onnx.graph import Graph, attr, node_label, set_attr
 
-__all__ = ["BACKWARD_RULES", "FORWARD_RULES", "Norm", "bn_norm"]
+#: ``Norm.axis`` of an element-wise affine (see ``Norm.elem_shape``).
+ELEMENTWISE = -(10**6)
+
+__all__ = ["BACKWARD_RULES", "ELEMENTWISE", "FORWARD_RULES", "Norm", "bn_norm"]
 
 
 @dataclass
@@ -39,6 +42,11 @@ class Norm:
     axis: int | None = 1
     params: list[str] = field(default_factory=list)  # constant inputs, dropped if unused after
     rank: int | None = None
+    #: For an element-wise affine (a constant varying along several axes, e.g. a
+    #: first-layer input standardization of shape (1, 28, 28)): the constant's shape
+    #: aligned to the input rank; ``affine`` then holds its values in that row-major order
+    #: and ``axis`` is :data:`ELEMENTWISE`. Only a Flatten/Reshape into Gemm/MatMul folds it.
+    elem_shape: tuple[int, ...] | None = None
 
     @property
     def channels(self) -> int:
@@ -48,8 +56,20 @@ class Norm:
     def verb(self) -> str:
         return "normalizes" if self.kind == "BatchNormalization" else "acts on"
 
+    def elementwise_reason(self) -> str | None:
+        """Why an element-wise affine cannot fold here (None for per-channel ones)."""
+        if self.elem_shape is None:
+            return None
+        return (
+            f"{self.kind} constant varies along several axes of its input "
+            f"(shape {list(self.elem_shape)}): not a per-channel affine "
+            "(only a Flatten into Gemm/MatMul can take it)"
+        )
+
     def channel_axis_reason(self, what: str) -> str | None:
         """None when the affine acts on axis 1 (the NCHW channel / Gemm N axis)."""
+        if self.elem_shape is not None:
+            return self.elementwise_reason()
         if self.axis is None or self.axis == 1:
             return None
         where = f"a rank-{self.rank} {what}" if self.rank is not None else f"the {what}"
@@ -58,6 +78,8 @@ class Norm:
 
     def last_axis_reason(self, what: str, uses: str) -> str | None:
         """None when the affine acts on the last axis of its tensor (or is a scalar)."""
+        if self.elem_shape is not None:
+            return self.elementwise_reason()
         if self.axis is None:
             return None
         if self.rank is None:
@@ -517,7 +539,7 @@ PAD_REASON = "zero padding after BN: fold would change the borders"
 class ForwardTarget:
     node: onnx.NodeProto  # the linear consumer
     via: onnx.NodeProto | None = None  # Flatten / Reshape in between
-    expand: int = 1  # per-channel values repeat this many times after flattening
+    flat: Affine | None = None  # the affine per flattened feature (through ``via``)
     scale_only: bool = False
 
 
@@ -600,16 +622,13 @@ class BNGemm(ForwardRule):
 
     def target(self, norm: Norm, c: onnx.NodeProto, g: Graph) -> ForwardTarget | str | None:
         via = None
-        expand = 1
+        flat: Affine | None = None
         if c.op_type in ("Flatten", "Reshape") and c.domain in ("", "ai.onnx"):
             via = c
-            reason = norm.channel_axis_reason(f"{c.op_type} input")
-            if reason:
-                return reason
-            reason_or_expand = self._flatten_expand(norm, c, g)
-            if isinstance(reason_or_expand, str):
-                return reason_or_expand
-            expand = reason_or_expand
+            flat_or_reason = self._flatten_affine(norm, c, g)
+            if isinstance(flat_or_reason, str):
+                return flat_or_reason
+            flat = flat_or_reason
             nxt = g.only_consumer(c.output[0])
             if nxt is None:
                 return f"{c.op_type} output has several consumers"
@@ -633,6 +652,8 @@ class BNGemm(ForwardRule):
         w = g.const(c.input[1])
         if w.ndim != 2:
             return f"{c.op_type} weight is not 2-D"
+        if via is None and norm.elem_shape is not None:
+            return norm.elementwise_reason()
         if via is None and norm.axis is not None:
             # Gemm takes a 2-D input; MatMul with a 2-D weight reduces the LAST axis of an
             # input of any rank, so a last-axis affine (or scalar) folds into its rows.
@@ -645,30 +666,59 @@ class BNGemm(ForwardRule):
                     f"{c.op_type} reduces over the last axis"
                 )
         k = w.shape[1] if (c.op_type == "Gemm" and attr(c, "transB", 0)) else w.shape[0]
-        if norm.channels * expand != k and norm.channels != 1:
-            return f"{norm.kind} has {norm.channels}x{expand} features but {c.op_type} takes {k}"
-        return ForwardTarget(c, via=via, expand=expand)
+        n_in = flat.channels if flat is not None else norm.channels
+        if n_in != k and (flat is not None or norm.channels != 1):
+            return f"{norm.kind} gives {n_in} features but {c.op_type} takes {k}"
+        return ForwardTarget(c, via=via, flat=flat)
 
     @staticmethod
-    def _flatten_expand(norm: Norm, c: onnx.NodeProto, g: Graph) -> int | str:
+    def _flatten_affine(norm: Norm, c: onnx.NodeProto, g: Graph) -> Affine | str:
+        """The affine per flattened feature: s, t broadcast over the input's non-batch
+        dims (static shape needed), then raveled in row-major order as Flatten does."""
         shape = g.shapes.get(norm.input)
-        if shape is None or any(not isinstance(d, int) for d in shape[1:]):
+        if shape is None or len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
             return f"cannot prove the {c.op_type} feature order (unknown input shape)"
-        spatial = math.prod(d for d in shape[2:] if isinstance(d, int))
+        feat_shape = tuple(int(d) for d in shape[1:])  # type: ignore[arg-type]
+        feat = math.prod(feat_shape)
         if c.op_type == "Flatten":
             if int(attr(c, "axis", 1)) != 1:
                 return "Flatten axis is not 1"
-            return spatial
-        # Reshape: must produce [N, C*spatial]
-        if g.const_reason(c.input[1]):
-            return "Reshape shape is not a constant"
-        target = [int(v) for v in g.const(c.input[1]).reshape(-1)]
-        feat = int(shape[1]) * spatial  # type: ignore[arg-type]
-        if len(target) != 2 or target[1] not in (-1, feat) or target[0] not in (0, -1, shape[0]):
-            return f"Reshape to {target} is not a provable flatten"
-        if target[0] == -1 and target[1] != feat:
-            return f"Reshape to {target} is not a provable flatten"
-        return spatial
+        else:  # Reshape: must produce [N, prod(dims)]
+            if g.const_reason(c.input[1]):
+                return "Reshape shape is not a constant"
+            target = [int(v) for v in g.const(c.input[1]).reshape(-1)]
+            ok = (
+                len(target) == 2
+                and target[1] in (-1, feat)
+                and target[0] in (0, -1, shape[0])
+                and not (target[0] == -1 and target[1] != feat)
+            )
+            if not ok:
+                return f"Reshape to {target} is not a provable flatten"
+        rank = len(shape)
+        if norm.elem_shape is not None:
+            if len(norm.elem_shape) != rank or norm.elem_shape[0] != 1:
+                return f"{norm.kind} constant of shape {list(norm.elem_shape)} varies along the batch axis"
+            bshape: tuple[int, ...] = norm.elem_shape[1:]
+        elif norm.axis is None:
+            bshape = (1,) * (rank - 1)
+        else:
+            if not 1 <= norm.axis < rank:
+                return f"{norm.kind} {norm.verb} axis {norm.axis} of a rank-{rank} tensor (the batch axis)"
+            if norm.channels not in (1, feat_shape[norm.axis - 1]):
+                return (
+                    f"{norm.kind} has {norm.channels} channels but axis {norm.axis} of its input "
+                    f"has {feat_shape[norm.axis - 1]}"
+                )
+            dims = [1] * (rank - 1)
+            dims[norm.axis - 1] = norm.channels
+            bshape = tuple(dims)
+        try:
+            scale = np.broadcast_to(norm.affine.scale.reshape(bshape), feat_shape).reshape(-1)
+            shift = np.broadcast_to(norm.affine.shift.reshape(bshape), feat_shape).reshape(-1)
+        except ValueError:
+            return f"{norm.kind} does not broadcast over the {c.op_type} input {list(feat_shape)}"
+        return Affine(scale, shift)
 
     def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph) -> None:
         c = t.node
@@ -676,9 +726,7 @@ class BNGemm(ForwardRule):
         trans_b = c.op_type == "Gemm" and int(attr(c, "transB", 0))
         in_axis, out_axis = (1, 0) if trans_b else (0, 1)
         k, n = w.shape[in_axis], w.shape[out_axis]
-        aff = _affine_n(norm, k // t.expand)
-        if t.expand > 1:
-            aff = Affine(np.repeat(aff.scale, t.expand), np.repeat(aff.shift, t.expand))
+        aff = t.flat if t.flat is not None else _affine_n(norm, k)
         w2, tw = fold_forward(
             w, None, aff, channel_map(w.shape, (in_axis,)), channel_map(w.shape, (out_axis,)), n
         )
