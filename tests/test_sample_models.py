@@ -144,8 +144,8 @@ def test_cnn_bn_onnx_folds_every_batchnorm(data: dict[str, np.ndarray]) -> None:
 
 #: Keras's exporter (tf2onnx) writes each BN as Mul+Add: (affines, how many must fold).
 #: digits_mlp.onnx's first-layer BN scales the last axis of the (N, 8, 8) input before a
-#: Reshape to (N, 64); bnfuse may refuse it, with a reason.
-EXPORTED = {"digits_mlp.onnx": (4, 3), "digits_cnn.onnx": (3, 3)}
+#: Reshape to (N, 64): it folds forward through the Reshape into the first MatMul.
+EXPORTED = {"digits_mlp.onnx": (4, 4), "digits_cnn.onnx": (3, 3)}
 
 
 @pytest.mark.parametrize("name", sorted(EXPORTED))
