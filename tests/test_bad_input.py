@@ -135,7 +135,9 @@ def test_bad_statistics_are_refused_not_crashed(tmp_path: Path) -> None:
     x = b.input("x", ["N", 3, 8, 8])
     c = b.conv(x, 3, 4, [3, 3])
     stats = [np.ones(4), np.zeros(4), np.zeros(4), np.array([1.0, -1.0, 1, 1])]
-    y = b.node("BatchNormalization", [c, *[b.const(s.astype(np.float32)) for s in stats]], name="bn")
+    y = b.node(
+        "BatchNormalization", [c, *[b.const(s.astype(np.float32)) for s in stats]], name="bn"
+    )
     b.output(y)
     src = tmp_path / "m.onnx"
     onnx.save(b.model(), src)
