@@ -222,6 +222,7 @@ def fuse(
         raise UsageError("--samples must be at least 1")
 
     _report(progress, "loading model", 0, None)
+    early_notes = _configure_threads(backend, threads) if bench else []
     original = backend.load(src, unsafe_load=unsafe_load) if src else backend.accept(model)
     before = backend.stats(original, src)
     options = FuseOptions(
@@ -231,7 +232,7 @@ def fuse(
     )
     _report(progress, "folding", 0, None)
     passed = backend.fuse(original, options)
-    warnings = list(passed.warnings)
+    warnings = early_notes + list(passed.warnings)
 
     validation: Validation | None = None
     if validate and passed.folds:
@@ -305,7 +306,13 @@ def fuse(
     if out_path is not None and not dry_run:
         _report(progress, "writing", 0, None)
         backend.save(passed.model, out_path)
-        result = _replace(result, written=True, after=backend.stats(passed.model, out_path))
+        save_notes = tuple(getattr(backend, "save_notes", ()))
+        result = _replace(
+            result,
+            written=True,
+            after=backend.stats(passed.model, out_path),
+            warnings=result.warnings + save_notes,
+        )
     return result
 
 
@@ -334,6 +341,9 @@ def benchmark(
     if any(b < 1 for b in batches):
         raise UsageError("batch sizes must be at least 1")
     backend = _backend
+    if _backend is None:
+        first, _ = get_backend(original)
+        _configure_threads(first, threads)
     models = []
     for m in (original, fused):
         b, path = get_backend(m) if _backend is None else (_backend, None)
@@ -354,6 +364,16 @@ def benchmark(
         input_shapes=input_shapes or {},
         progress=progress,
     )
+
+
+def _configure_threads(backend: Backend, threads: int) -> list[str]:
+    """Keras/TensorFlow fixes its thread pools on first use: set them before loading."""
+    if backend.name != "keras":
+        return []
+    from bnfuse.keras.runtime import configure_threads
+
+    note = configure_threads(threads)
+    return [note] if note else []
 
 
 def _replace(obj: Any, **changes: Any) -> Any:

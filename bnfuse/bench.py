@@ -18,6 +18,7 @@ faster) with a seeded bootstrap 95% confidence interval. Inputs are random
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.metadata
 import os
@@ -320,6 +321,9 @@ def run(
             )
             done += 1
             report(what, done, force=True)
+    if rows and rows[0].note and len({r.note for r in rows}) == 1:
+        notes.append(rows[0].note)  # the same note on every row: say it once
+        rows = [dataclasses.replace(r, note="") for r in rows]
     if any(t.runtime.startswith("onnxruntime") for t in orig_targets):
         notes.append(ORT_FOLDS_NOTE)
     return BenchResult(
