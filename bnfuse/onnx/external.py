@@ -45,7 +45,7 @@ __all__ = [
 INLINE_LIMIT = 1024
 _ALIGN = 64
 _EXTERNAL = onnx.TensorProto.EXTERNAL
-_DATA_FIELDS = frozenset(
+DATA_FIELDS = frozenset(
     {
         "raw_data",
         "float_data",
@@ -370,7 +370,7 @@ def _copy_item(src: Any, dst: Any, on_tensor: TensorHook) -> None:
 def _copy_meta(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
     """Copy a tensor's name, type, dims, ... but none of its data fields."""
     for fd, value in src.ListFields():
-        if fd.name in _DATA_FIELDS:
+        if fd.name in DATA_FIELDS:
             continue
         if fd.type != fd.TYPE_MESSAGE:
             if fd.is_repeated:

@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfuse.fold import round_to
+from bnfuse.onnx.external import DATA_FIELDS
 
 __all__ = [
     "Graph",
@@ -449,25 +450,13 @@ _RANK_KEEPING = frozenset(
 )
 
 
-_DATA_FIELDS = (
-    "float_data",
-    "int32_data",
-    "string_data",
-    "int64_data",
-    "double_data",
-    "uint64_data",
-    "external_data",
-    "data_location",
-)
-
-
 def set_tensor(t: onnx.TensorProto, arr: np.ndarray, dtype_id: int) -> None:
     """Overwrite a tensor's data (and dims/type) with ``arr``, in place.
 
     Written as ``raw_data`` directly: going through ``numpy_helper.from_array`` and
     ``CopyFrom`` would keep the temporary tensor's memory alive with the model's.
     """
-    for f in _DATA_FIELDS:
+    for f in DATA_FIELDS:  # raw_data included: it is written below
         t.ClearField(f)
     arr = np.ascontiguousarray(arr)
     if arr.dtype.byteorder == ">":

@@ -279,80 +279,85 @@ class BackwardRule:
         g.drop_value_info([old])
 
 
-class ConvBN(BackwardRule):
+class _ConvLikeBN(BackwardRule):
+    """Shared check/rewrite of Conv and ConvTranspose: subclasses say how the weight
+    indexes output channels."""
+
+    def out_channels(self, w: np.ndarray, groups: int) -> int:
+        raise NotImplementedError
+
+    def out_map(self, w: np.ndarray, groups: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def layout_reason(self, w: np.ndarray, groups: int) -> str | None:
+        return None
+
+    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+        p = m.producer
+        reason = (
+            self._common(m, g)
+            or _weight(g, p, 1)
+            or _optional_const(g, p, 2)
+            or _float_weight(g, p.input[1])
+        )
+        if reason:
+            return reason
+        w = g.const(p.input[1])
+        groups = _conv_groups(p)
+        return self.layout_reason(w, groups) or _channels_mismatch(
+            m.norm, self.out_channels(w, groups), f"{p.op_type} output"
+        )
+
+    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
+        p = m.producer
+        w = g.const(p.input[1])
+        groups = _conv_groups(p)
+        aff = _affine_n(m.norm, self.out_channels(w, groups))
+        w2, b2 = fold_backward(w, _bias(g, p, 2), aff, self.out_map(w, groups))
+        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
+        g.write_const(
+            p,
+            2,
+            b2,
+            p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
+            f"{node_label(p)}_bias_bnfused",
+        )
+        self._reroute(m, g)
+        return node_label(p)
+
+
+class ConvBN(_ConvLikeBN):
     """Conv(x, W, b) then BN  ==  Conv(x, W*s[o], s*b + t)   (W: [C_out, C_in/g, k...])."""
 
     name = "conv-bn"
     ops = ("Conv",)
 
-    def check(self, m: BackwardMatch, g: Graph) -> str | None:
-        p = m.producer
-        reason = (
-            self._common(m, g)
-            or _weight(g, p, 1)
-            or _optional_const(g, p, 2)
-            or _float_weight(g, p.input[1])
-        )
-        if reason:
-            return reason
-        w = g.const(p.input[1])
-        return _channels_mismatch(m.norm, w.shape[0], "Conv output")
+    def out_channels(self, w: np.ndarray, groups: int) -> int:
+        return int(w.shape[0])
 
-    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
-        p = m.producer
-        w = g.const(p.input[1])
-        aff = _affine_n(m.norm, w.shape[0])
-        w2, b2 = fold_backward(w, _bias(g, p, 2), aff, channel_map(w.shape, (0,)))
-        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
-        g.write_const(
-            p,
-            2,
-            b2,
-            p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
-            f"{node_label(p)}_bias_bnfused",
-        )
-        self._reroute(m, g)
-        return node_label(p)
+    def out_map(self, w: np.ndarray, groups: int) -> np.ndarray:
+        return channel_map(w.shape, (0,))
 
 
-class ConvTransposeBN(BackwardRule):
+class ConvTransposeBN(_ConvLikeBN):
     """ConvTranspose then BN: scale W[C_in, C_out/g, k...] per output channel gi*(C_out/g)+j."""
 
     name = "conv-transpose-bn"
     ops = ("ConvTranspose",)
 
-    def check(self, m: BackwardMatch, g: Graph) -> str | None:
-        p = m.producer
-        reason = (
-            self._common(m, g)
-            or _weight(g, p, 1)
-            or _optional_const(g, p, 2)
-            or _float_weight(g, p.input[1])
-        )
-        if reason:
-            return reason
-        w = g.const(p.input[1])
-        groups = _conv_groups(p)
-        if w.shape[0] % groups:
-            return f"ConvTranspose weight has {w.shape[0]} input channels, not divisible by group={groups}"
-        return _channels_mismatch(m.norm, w.shape[1] * groups, "ConvTranspose output")
+    def out_channels(self, w: np.ndarray, groups: int) -> int:
+        return int(w.shape[1]) * groups
 
-    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
-        p = m.producer
-        w = g.const(p.input[1])
-        groups = _conv_groups(p)
-        aff = _affine_n(m.norm, w.shape[1] * groups)
-        w2, b2 = fold_backward(w, _bias(g, p, 2), aff, _transpose_out_map(w.shape, groups))
-        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
-        g.write_const(
-            p,
-            2,
-            b2,
-            p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
-            f"{node_label(p)}_bias_bnfused",
-        )
-        self._reroute(m, g)
-        return node_label(p)
+    def out_map(self, w: np.ndarray, groups: int) -> np.ndarray:
+        return _transpose_out_map(w.shape, groups)
+
+    def layout_reason(self, w: np.ndarray, groups: int) -> str | None:
+        if w.shape[0] % groups:
+            return (
+                f"ConvTranspose weight has {w.shape[0]} input channels, "
+                f"not divisible by group={groups}"
+            )
+        return None
 
 
 class GemmBN(BackwardRule):
