@@ -6,6 +6,7 @@ Pipeline: load -> fuse (plan + apply) -> validate (bisect / roll back on failure
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bnfuse import __version__
-from bnfuse.backend import Backend, FuseOptions, PassResult
+from bnfuse.backend import Backend, FuseOptions, PassResult, Runner
 from bnfuse.errors import (
     MissingDependencyError,
     ModelLoadError,
@@ -84,30 +85,28 @@ def _check_output_path(src: Path | None, output: Path, backend: Backend) -> None
 
 @dataclass
 class _Ctx:
+    """What validation, bisection and rollback share: one reference runner, one set of feeds."""
+
     backend: Backend
     original: Any
+    reference: Runner  # runs ``original``; built once, reused by every validation
     options: FuseOptions
     feeds: list[dict[str, np.ndarray]]
     rtol: float | None
     atol: float | None
     input_source: str
+    all_folds: tuple[Fold, ...]
 
     def fused(self, exclude: frozenset[str]) -> PassResult:
         return self.backend.fuse(
-            self.original,
-            FuseOptions(
-                skip_rules=self.options.skip_rules,
-                exclude=self.options.exclude | exclude,
-                treat_initializer_inputs_as_constants=self.options.treat_initializer_inputs_as_constants,
-                forward=self.options.forward,
-            ),
+            self.original, dataclasses.replace(self.options, exclude=self.options.exclude | exclude)
         )
 
     def validate(self, model: Any) -> Validation:
         import bnfuse.validate as _validate
 
         return _validate.compare(
-            self.backend.runner(self.original),
+            self.reference,
             self.backend.runner(model),
             self.feeds,
             rtol=self.rtol,
@@ -118,11 +117,8 @@ class _Ctx:
     def passes_with(self, folds: Sequence[Fold]) -> bool:
         """Does the model with exactly these folds (the rest excluded) validate?"""
         keep = {f.bn for f in folds}
-        all_bns = {f.bn for f in self._all}
-        res = self.fused(frozenset(all_bns - keep))
+        res = self.fused(frozenset({f.bn for f in self.all_folds} - keep))
         return self.validate(res.model).passed
-
-    _all: tuple[Fold, ...] = ()
 
 
 def bisect_culprits(
@@ -245,8 +241,9 @@ def fuse(
         else:
             feeds = _inputs.random_feeds(runner.inputs, samples, seed, input_shapes or {})
             source = f"random (seed {seed}, {samples} samples)"
-        ctx = _Ctx(backend, original, options, feeds, rtol, atol, source)
-        ctx._all = tuple(passed.folds)
+        ctx = _Ctx(
+            backend, original, runner, options, feeds, rtol, atol, source, tuple(passed.folds)
+        )
         _report(progress, "validating", 0, None)
         validation = ctx.validate(passed.model)
         if not validation.passed:
@@ -377,8 +374,6 @@ def _configure_threads(backend: Backend, threads: int) -> list[str]:
 
 
 def _replace(obj: Any, **changes: Any) -> Any:
-    import dataclasses
-
     return dataclasses.replace(obj, **changes)
 
 
