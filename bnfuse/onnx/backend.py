@@ -125,16 +125,10 @@ class OrtRunner:
     ):
         """``source``: the file ``model`` was loaded from, unchanged (used for large models
         instead of writing a temporary copy)."""
-        ort = _ort()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
         data, self._file = _session_source(model, source)
         self.loaded_from_path = isinstance(data, str)
         try:
-            self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+            self.session = _cpu_session(data, level, threads)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from None
@@ -328,6 +322,17 @@ class OnnxBackend:
         self._data_files.pop(path.resolve(), None)
 
 
+def _cpu_session(data: str | bytes, level: str, threads: int) -> Any:
+    """An onnxruntime CPU session at optimization ``level`` with ``threads`` intra-op threads."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
 def _session_factory(
     data: str | bytes, level: str, threads: int, keep: _ModelFile | None = None
 ) -> Callable[[], Callable[[Mapping[str, np.ndarray]], Any]]:
@@ -336,13 +341,7 @@ def _session_factory(
     def prepare() -> Callable[[Mapping[str, np.ndarray]], Any]:
         _alive = keep  # the temporary model file must outlive every session made here
         del _alive
-        ort = _ort()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        sess = _cpu_session(data, level, threads)
 
         def run(feeds: Mapping[str, np.ndarray]) -> Any:
             return sess.run(None, dict(feeds))
