@@ -18,19 +18,20 @@ faster) with a seeded bootstrap 95% confidence interval. Inputs are random
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import importlib.metadata
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from bnfuse.backend import BenchTarget, InputSpec
-from bnfuse.errors import FusionInvariantError, UsageError
+from bnfuse.errors import BnfuseError, FusionInvariantError, UnsupportedModelError, UsageError
 from bnfuse.inputs import random_feeds, resolve_shape
 from bnfuse.result import BenchResult, LatencyRow, LatencyStats
 
@@ -216,6 +217,19 @@ def _time_row(
     return np.asarray(ta), np.asarray(tb)
 
 
+@contextlib.contextmanager
+def _documented(what: str) -> Iterator[None]:
+    """Turn a runtime's own exception into ``UnsupportedModelError`` (one line)."""
+    try:
+        yield
+    except BnfuseError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise UnsupportedModelError(f"{what} fails to run: {first}") from None
+
+
 def run(
     orig_targets: list[BenchTarget],
     fused_targets: list[BenchTarget],
@@ -292,15 +306,18 @@ def run(
         fns: list[RunFn] = []
         for side, target in (("original", ta), ("fused", tb)):
             t0 = time.perf_counter()
-            fns.append(target.prepare())
+            with _documented(f"{rt}: the {side} model"):
+                fns.append(target.prepare())
             setup_ms[f"{rt} {side}"] = (time.perf_counter() - t0) * 1e3
         fa, fb = fns
         for b in use_batches:
             what = f"timing {rt}, batch {b}"
             report(what, done, force=True)
             x = random_feeds(specs, 1, INPUT_SEED, input_shapes, batch=b)[0]
-            first_run_ms[f"{rt} original batch={b}"] = _timed(fa, x) * 1e3
-            first_run_ms[f"{rt} fused batch={b}"] = _timed(fb, x) * 1e3
+            with _documented(f"{rt}: the original model"):
+                first_run_ms[f"{rt} original batch={b}"] = _timed(fa, x) * 1e3
+            with _documented(f"{rt}: the fused model"):
+                first_run_ms[f"{rt} fused batch={b}"] = _timed(fb, x) * 1e3
 
             def tick(frac: float, base: int = done, what: str = what) -> None:
                 report(what, base + frac)

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.backend import Runner
-from bnfuse.errors import FusionInvariantError, UsageError
+from bnfuse.errors import BnfuseError, FusionInvariantError, UnsupportedModelError, UsageError
 from bnfuse.inputs import is_float_dtype
 from bnfuse.result import OutputMetrics, Validation
 
@@ -211,6 +211,27 @@ def output_metrics(
     )
 
 
+def _run(runner: Runner, feed: Mapping[str, np.ndarray], *, fused: bool) -> list[np.ndarray]:
+    """Run one side; a runtime failure becomes a documented error.
+
+    The original failing to run means the model itself is broken or beyond the runtime
+    (``UnsupportedModelError``); the fused model failing where the original ran is a
+    bnfuse bug (``FusionInvariantError``).
+    """
+    try:
+        return runner.run(feed)
+    except BnfuseError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if fused:
+            raise FusionInvariantError(
+                f"the fused model fails to run where the original ran: {first}"
+            ) from None
+        raise UnsupportedModelError(f"the model fails to run: {first}") from None
+
+
 def compare(
     ref: Runner,
     fused: Runner,
@@ -253,8 +274,8 @@ def compare(
     per_ref: list[list[np.ndarray]] = [[] for _ in ref_names]
     per_fused: list[list[np.ndarray]] = [[] for _ in ref_names]
     for feed in feeds:
-        outs_r = ref.run(feed)
-        outs_f = fused.run(feed)
+        outs_r = _run(ref, feed, fused=False)
+        outs_f = _run(fused, feed, fused=True)
         if len(outs_r) != len(ref_names) or len(outs_f) != len(ref_names):
             raise FusionInvariantError(
                 f"a runner returned {len(outs_r)}/{len(outs_f)} outputs for "

@@ -73,6 +73,15 @@ def write_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     elif case == "bad_report_suffix":
         onnx.save(good_model(), p)
         extra = ["--report", str(tmp_path / "r.txt")]
+    elif case == "fails_at_run":
+        # onnxruntime creates the session but the Conv fails when run (group=0; found
+        # by the mutation fuzz): the original cannot be evaluated
+        m = good_model()
+        conv = next(n for n in m.graph.node if n.op_type == "Conv")
+        attrs = [a for a in conv.attribute if a.name != "group"]
+        del conv.attribute[:]
+        conv.attribute.extend([*attrs, helper.make_attribute("group", 0)])
+        onnx.save(m, p)
     elif case == "no_graph":
         p.write_bytes(onnx.ModelProto(ir_version=8).SerializeToString())
     else:  # pragma: no cover - a typo in the parametrization
@@ -94,6 +103,7 @@ CASES = [
     ("npz_wrong_key", 2, "x"),
     ("bad_report_suffix", 2, "--report"),
     ("no_graph", 3, "not an ONNX model"),
+    ("fails_at_run", 3, "the model fails to run"),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from bnfuse import bench
 from bnfuse.backend import BenchTarget, InputSpec
-from bnfuse.errors import FusionInvariantError, UsageError
+from bnfuse.errors import FusionInvariantError, UnsupportedModelError, UsageError
 
 SPECS = [InputSpec("x", np.dtype(np.float32), ("N", 32))]
 
@@ -142,6 +142,25 @@ def test_slow_targets_stop_at_the_budget() -> None:
     runs = res.rows[0].original.runs
     assert bench.MIN_PAIRS < runs < bench.MAX_PAIRS
     assert 0.3 <= elapsed < 0.3 + 2.0
+
+
+@pytest.mark.parametrize("where", ["prepare", "call"])
+def test_runtime_failures_become_one_line_errors(where: str) -> None:
+    def broken() -> BenchTarget:
+        def prepare() -> Callable[[Mapping[str, np.ndarray]], Any]:
+            if where == "prepare":
+                raise RuntimeError("cannot create session\ndetails")
+
+            def call(feeds: Mapping[str, np.ndarray]) -> Any:
+                raise RuntimeError("Conv node failed\ndetails")
+
+            return call
+
+        return BenchTarget("rt", prepare)
+
+    orig, _ = pair(["rt"])
+    with pytest.raises(UnsupportedModelError, match=r"^rt: the fused model fails to run: [^\n]*$"):
+        run(orig, [broken()])
 
 
 def test_minimum_pairs_even_with_a_tiny_budget() -> None:

@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from bnfuse.api import bisect_culprits
 from bnfuse.backend import InputSpec
-from bnfuse.errors import FusionInvariantError, UsageError
+from bnfuse.errors import FusionInvariantError, UnsupportedModelError, UsageError
 from bnfuse.result import Fold
 from bnfuse.validate import compare, default_tolerance, output_metrics
 
@@ -252,6 +252,33 @@ def test_outputs_matched_by_position_and_renames_recorded() -> None:
     assert [o.name for o in v.outputs] == ["a", "b"]
     assert v.outputs[0].passed and not v.outputs[1].passed and not v.passed
     assert v.outputs[0].fused_name == "" and v.outputs[1].fused_name == "b_fused"
+
+
+def _raises(f: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    raise RuntimeError("[RuntimeError] : 1 : FAIL : node conv3\nsecond line")
+
+
+def test_runtime_failures_become_documented_errors() -> None:
+    # the original failing to run: the model is beyond the runtime, one line
+    with pytest.raises(UnsupportedModelError, match=r"fails to run: .*node conv3$"):
+        compare(
+            FakeRunner(_raises),
+            FakeRunner(linear),
+            feeds(1),
+            rtol=None,
+            atol=None,
+            input_source="t",
+        )
+    # the fused model failing where the original ran: a bnfuse bug
+    with pytest.raises(FusionInvariantError, match="fused model fails to run where"):
+        compare(
+            FakeRunner(linear),
+            FakeRunner(_raises),
+            feeds(1),
+            rtol=None,
+            atol=None,
+            input_source="t",
+        )
 
 
 def test_every_feed_runs_on_both_sides() -> None:
