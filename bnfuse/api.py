@@ -225,6 +225,9 @@ def fuse(
         skip_rules=frozenset(skip),
         treat_initializer_inputs_as_constants=treat_initializer_inputs_as_constants,
         forward=forward,
+        # a model loaded here and needed by nothing after the fold (no validation, no
+        # benchmark): rewrite it without copying
+        in_place=bool(src) and not validate and not bench,
     )
     _report(progress, "folding", 0, None)
     passed = backend.fuse(original, options)

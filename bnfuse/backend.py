@@ -34,18 +34,21 @@ class FuseOptions:
     """Options of one fusion pass.
 
     ``exclude`` names BN nodes/layers that must stay (used by rollback and bisection);
-    ``skip_rules`` names rules to disable.
+    ``skip_rules`` names rules to disable. ``in_place`` lets a backend rewrite the model
+    object it is given instead of a copy: only for a model bnfuse loaded itself and will
+    not need again (no validation, no benchmark); the ONNX backend then skips the copy.
     """
 
     skip_rules: frozenset[str] = frozenset()
     exclude: frozenset[str] = frozenset()
     treat_initializer_inputs_as_constants: bool = False
     forward: bool = True  # allow forward folds (BN into the layer after it)
+    in_place: bool = False
 
 
 @dataclass
 class PassResult:
-    """The fused model (a new object; the input is never mutated) and what happened."""
+    """The fused model (a new object unless ``FuseOptions.in_place``) and what happened."""
 
     model: Any
     folds: list[Fold] = field(default_factory=list)

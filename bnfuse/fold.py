@@ -169,10 +169,11 @@ def fold_backward(
     ``out_map`` is the :func:`channel_map` of the weight's output channels. Returns the
     new weight (same shape) and the new bias (one value per channel).
     """
-    w = np.asarray(weight, dtype=np.float64)
     b = np.zeros(aff.channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (aff.channels,))
-    return w * _gather(aff.scale, out_map), aff.scale * b + aff.shift
+    # one pass: the weight is widened to float64 element by element (exact), then scaled
+    w = np.multiply(weight, _gather(aff.scale, out_map), dtype=np.float64)
+    return w, aff.scale * b + aff.shift
 
 
 def fold_forward(
@@ -189,13 +190,18 @@ def fold_forward(
     bias is ``b[o] + sum(W[e] * shift[in(e)] for e with out(e) == o)``; exact only when the
     layer applies no zero padding to its input (the caller checks that).
     """
-    w = np.asarray(weight, dtype=np.float64)
     b = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (out_channels,)).copy()
-    contrib = w * _gather(aff.shift, in_map)
-    full_out = np.broadcast_to(out_map, w.shape)
+    # float64 throughout: the weight is widened element by element (exact) in each pass
+    contrib = np.multiply(weight, _gather(aff.shift, in_map), dtype=np.float64)
+    if out_map.ndim == contrib.ndim:
+        # out_map is constant along the axes it broadcasts over: sum those first
+        axes = tuple(i for i, d in enumerate(out_map.shape) if d == 1 and contrib.shape[i] != 1)
+        if axes:
+            contrib = contrib.sum(axis=axes, keepdims=True)
+    full_out = np.broadcast_to(out_map, contrib.shape)
     b += np.bincount(full_out.ravel(), weights=contrib.ravel(), minlength=out_channels)
-    return w * _gather(aff.scale, in_map), b
+    return np.multiply(weight, _gather(aff.scale, in_map), dtype=np.float64), b
 
 
 def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
@@ -213,8 +219,9 @@ def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
             out = _round_bf16_grid(a64).astype(np.float32).astype(dt)
         else:
             out = a64.astype(dt)
-        back = out.astype(np.float64)
-    if np.any(np.isinf(back) & np.isfinite(a64)):
+    if dt == np.float64 or bool(np.isfinite(out).all()):
+        return out  # nothing became infinite (the common case: one cheap pass)
+    if np.any(np.isinf(out.astype(np.float64)) & np.isfinite(a64)):
         raise OverflowError(f"folded values overflow {out.dtype.name}")
     return out
 

@@ -116,7 +116,8 @@ def test_time_budget_is_respected_loosely() -> None:
     t0 = time.perf_counter()
     res = run(orig, fused, batches=(1, 2), seconds=0.6)
     elapsed = time.perf_counter() - t0
-    assert elapsed < 0.6 + 3.0
+    assert elapsed < 0.6 + 10.0  # generous: warm-ups and setup are outside the budget, and
+    # a loaded CI machine stretches them; the per-row checks below are the precise ones
     for r in res.rows:  # a row stops when its share (0.15 s) is spent, or at the cap
         spent = (r.original.mean_ms + r.fused.mean_ms) * r.original.runs / 1e3
         assert r.original.runs == bench.MAX_PAIRS or spent > 0.05

@@ -14,7 +14,7 @@ import onnx
 from bnfuse import __version__
 from bnfuse.backend import BenchTarget, FuseOptions, InputSpec, PassResult, atomic_path
 from bnfuse.errors import ModelLoadError, UnsupportedModelError, UsageError
-from bnfuse.onnx import external
+from bnfuse.onnx import external, serialize
 from bnfuse.onnx.fuse import RULE_NAMES, fuse_model
 from bnfuse.result import ModelStats
 
@@ -61,7 +61,7 @@ def _session_source(
 ) -> tuple[str | bytes, _ModelFile | None]:
     """What to hand onnxruntime: the bytes, or a path for a model too large for bytes."""
     if not _large(model):
-        return model.SerializeToString(), None
+        return serialize.to_bytes(model), None
     if source is not None:
         return str(source), None
     tmp = _ModelFile(model)
@@ -318,7 +318,7 @@ class OnnxBackend:
             self._data_files[path.resolve()] = [written]
             return
         with atomic_path(path) as tmp:
-            tmp.write_bytes(model.SerializeToString())
+            serialize.write(model, tmp)
         self._data_files.pop(path.resolve(), None)
 
 

@@ -108,14 +108,19 @@ def shape_map(model: onnx.ModelProto) -> ShapeDict:
 
 
 def fuse_model(model: onnx.ModelProto, options: FuseOptions) -> PassResult:
-    """Fold normalizations in a copy of ``model``; the argument is not modified.
+    """Fold normalizations in a copy of ``model``; the argument is not modified (unless
+    ``options.in_place``).
 
     Folds inside the main graph, every subgraph (If branches, Loop/Scan bodies, nested)
     and every model-local function body.
     """
     from bnfuse.onnx.external import lazy_copy, materialize
 
-    fused, lazy = lazy_copy(model)  # weights are read from ``model`` until written
+    lazy: list[onnx.TensorProto] = []
+    if options.in_place:  # the caller will not use ``model`` again
+        fused = model
+    else:
+        fused, lazy = lazy_copy(model)  # weights are read from ``model`` until written
     opset = _opset(fused.opset_import, 0)
     names = NameSource(fused)
     result = PassResult(model=fused)
@@ -229,6 +234,7 @@ def fuse_graph(
     ]
     refused: dict[str, Refusal] = {}
     removed: set[int] = set()
+    dead: set[str] = set()  # parameters of folded normalizations, dropped once at the end
     while True:
         progressed = False
         refused.clear()
@@ -259,13 +265,16 @@ def fuse_graph(
             if fold is not None:
                 result.folds.append(fold)
                 removed.update(id(n) for n in norm.nodes)
-                g.remove_unused_initializers(norm.params)
+                dead.update(norm.params)
+                g.reindex()
                 progressed = True
                 continue
             refused[label] = Refusal(label, reason, norm.kind, rule, scope)
         if not progressed:
             break
     result.refusals.extend(refused.values())
+    if dead:
+        g.remove_unused_initializers(dead)
     _check_invariants(g, result, scope)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,13 @@ def node_label(node: onnx.NodeProto) -> str:
         return node.name
     out = node.output[0] if node.output else "?"
     return f"{node.op_type}->{out}"
+
+
+#: how many initializer values Graph.const keeps (weight + BN statistics of one fold)
+_RECENT = 6
+
+#: the standard ops with graph attributes (other domains are checked attribute by attribute)
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -120,6 +128,7 @@ class Graph:
     inits: dict[str, onnx.TensorProto] = field(init=False)
     input_names: set[str] = field(init=False)
     output_names: set[str] = field(init=False)
+    _recent: dict[str, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.reindex()
@@ -137,6 +146,8 @@ class Graph:
                 if i and i not in seen:
                     self.consumers.setdefault(i, []).append(node)
                     seen.add(i)
+            if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+                continue  # only these standard ops have graph attributes
             for sub in subgraphs(node):
                 for name in outer_names_used(sub) - seen:
                     self.consumers.setdefault(name, []).append(node)
@@ -213,9 +224,20 @@ class Graph:
         return self.outer is not None and self.outer.stored_weight(name)
 
     def const(self, name: str) -> np.ndarray:
-        """Value of a constant (check :meth:`const_reason` first)."""
+        """Value of a constant (check :meth:`const_reason` first).
+
+        The last few initializer values read are cached (a fold reads its weight when
+        checking and again when rewriting); writes through this index invalidate them.
+        """
         if name in self.inits:
-            return self._to_array(self.inits[name])
+            cached = self._recent.get(name)
+            if cached is not None:
+                return cached
+            arr = self._to_array(self.inits[name])
+            self._recent[name] = arr
+            while len(self._recent) > _RECENT:
+                del self._recent[next(iter(self._recent))]
+            return arr
         prod = self.producer.get(name)
         if prod is not None:
             tensor = _constant_value(prod)
@@ -322,6 +344,7 @@ class Graph:
         old = node.input[slot] if slot < len(node.input) else ""
         if old and self._exclusively_used(old, node, slot):
             if old in self.inits:
+                self._recent.pop(old, None)
                 set_tensor(self.inits[old], arr, dtype_id)
                 return
             prod = self.producer.get(old)
@@ -401,11 +424,16 @@ class Graph:
             for i in reversed(range(len(self.g.initializer))):
                 if self.g.initializer[i].name in dead:
                     del self.g.initializer[i]
+            for name in dead:
+                self.inits.pop(name, None)
+                self._recent.pop(name, None)
+        gone = [n.output[0] for n in dead_nodes]
         for n in dead_nodes:
             self.remove_node(n)
-        if dead or dead_nodes:
-            self.drop_value_info(n.output[0] for n in dead_nodes)
-            self.reindex()
+        for name in gone:  # the index stays exact without a second reindex
+            self.producer.pop(name, None)
+        if gone:
+            self.drop_value_info(gone)
 
     def insert_after(self, anchor: onnx.NodeProto, new: onnx.NodeProto) -> onnx.NodeProto:
         """Insert a copy of ``new`` right after ``anchor``; return the stored node."""
@@ -416,10 +444,33 @@ class Graph:
         raise ValueError("anchor not in graph")
 
 
+_EXTERNAL = onnx.TensorProto.EXTERNAL
+#: raw_data is little-endian on every platform (ONNX spec)
+_RAW_DTYPES: dict[int, np.dtype[Any]] = {
+    onnx.TensorProto.FLOAT: np.dtype("<f4"),
+    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
+    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
+    onnx.TensorProto.INT64: np.dtype("<i8"),
+    onnx.TensorProto.INT32: np.dtype("<i4"),
+}
+
+
 def _to_array(t: onnx.TensorProto, lazy: list[onnx.TensorProto]) -> np.ndarray:
     from bnfuse.onnx.external import lazy_source
 
     t = lazy_source(t, lazy) or t
+    fast = _RAW_DTYPES.get(t.data_type)
+    if fast is not None and t.HasField("raw_data") and t.data_location != _EXTERNAL:
+        # the common case, without numpy_helper's extra copy: a read-only view of the
+        # payload (folds compute on float64 copies, never in place)
+        raw = t.raw_data
+        count = math.prod(t.dims)
+        if len(raw) != count * fast.itemsize:
+            raise MalformedNodeError(
+                f"tensor {t.name!r} cannot be read ({len(raw)} bytes of data for "
+                f"{count} {fast.name} values)"
+            )
+        return np.frombuffer(raw, dtype=fast).reshape(tuple(t.dims))
     try:
         return numpy_helper.to_array(t)
     except Exception as exc:  # payload and dims disagree, unknown type, external data
