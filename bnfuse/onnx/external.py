@@ -367,10 +367,23 @@ def _copy_item(src: Any, dst: Any, on_tensor: TensorHook) -> None:
         dst.CopyFrom(src)
 
 
+_META_FIELDS = tuple(fd for fd in onnx.TensorProto.DESCRIPTOR.fields if fd.name not in DATA_FIELDS)
+
+
 def _copy_meta(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
-    """Copy a tensor's name, type, dims, ... but none of its data fields."""
-    for fd, value in src.ListFields():
-        if fd.name in DATA_FIELDS:
+    """Copy a tensor's name, type, dims, ... but none of its data fields.
+
+    The fields are visited one by one: ``ListFields()`` would hand back ``raw_data`` too,
+    and the python-upb runtime returns a bytes field as a fresh copy, so listing a large
+    tensor's fields briefly costs a second copy of its payload (at save time, on top of
+    the one being written).
+    """
+    for fd in _META_FIELDS:
+        value = getattr(src, fd.name)
+        if fd.is_repeated:
+            if not len(value):
+                continue
+        elif not src.HasField(fd.name):
             continue
         if fd.type != fd.TYPE_MESSAGE:
             if fd.is_repeated:
