@@ -19,6 +19,7 @@ reports overflow instead of producing ``inf``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,14 +138,14 @@ def channel_map(
     The result is broadcastable to ``shape`` (materialised only when ``view`` differs).
     """
     v = tuple(int(d) for d in (view if view is not None else shape))
-    if int(np.prod(v)) != int(np.prod(tuple(shape))):
+    if math.prod(v) != math.prod(int(d) for d in shape):
         raise ValueError(f"view {v} does not match weight shape {tuple(shape)}")
     nd = len(v)
     ax = sorted(a % nd for a in axes)
     if len(set(ax)) != len(ax):
         raise ValueError("channel axes repeat")
     sub = [v[a] for a in ax]
-    idx = np.arange(int(np.prod(sub)), dtype=np.int64).reshape(sub)
+    idx = np.arange(math.prod(sub), dtype=np.int64).reshape(sub)
     bshape = [1] * nd
     for a in ax:
         bshape[a] = v[a]
@@ -158,21 +159,45 @@ def _gather(vec: F64, cmap: NDArray[np.int64]) -> F64:
     return vec[cmap]
 
 
+_NATIVE_FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+
+
+def _scaled(weight: NDArray[np.generic], factor: F64, out_dtype: Any) -> NDArray[Any]:
+    """``weight * factor`` computed in float64; rounded once to ``out_dtype`` if given.
+
+    Rounding inside the multiply (numpy computes each product in float64 and casts it
+    into the output) gives the same values as ``round_to(weight * factor, out_dtype)``
+    without materializing the float64 product: the common large-weight path.
+    """
+    dt = np.dtype(out_dtype) if out_dtype is not None else None
+    if dt is None or dt not in _NATIVE_FLOATS:
+        w64 = np.multiply(weight, factor, dtype=np.float64)
+        return w64 if dt is None else round_to(w64, dt)
+    out = np.empty(np.broadcast_shapes(weight.shape, factor.shape), dtype=dt)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.multiply(weight, factor, out=out, dtype=np.float64, casting="same_kind")
+    if not np.isfinite(out).all():
+        round_to(np.multiply(weight, factor, dtype=np.float64), dt)  # raises on overflow
+    return out
+
+
 def fold_backward(
     weight: NDArray[np.generic],
     bias: NDArray[np.generic] | None,
     aff: Affine,
     out_map: NDArray[np.int64],
-) -> tuple[F64, F64]:
-    """Fold ``aff`` applied to the layer's output into the layer (float64 results).
+    weight_dtype: Any = None,
+) -> tuple[NDArray[Any], F64]:
+    """Fold ``aff`` applied to the layer's output into the layer.
 
     ``out_map`` is the :func:`channel_map` of the weight's output channels. Returns the
-    new weight (same shape) and the new bias (one value per channel).
+    new weight (same shape) and the new bias (one value per channel), computed in
+    float64. The weight is returned in float64, or rounded once to ``weight_dtype`` when
+    given (raising :class:`OverflowError` like :func:`round_to`).
     """
     b = np.zeros(aff.channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (aff.channels,))
-    # one pass: the weight is widened to float64 element by element (exact), then scaled
-    w = np.multiply(weight, _gather(aff.scale, out_map), dtype=np.float64)
+    w = _scaled(weight, _gather(aff.scale, out_map), weight_dtype)
     return w, aff.scale * b + aff.shift
 
 
@@ -183,12 +208,14 @@ def fold_forward(
     in_map: NDArray[np.int64],
     out_map: NDArray[np.int64],
     out_channels: int,
-) -> tuple[F64, F64]:
-    """Fold ``aff`` applied to the layer's input into the layer (float64 results).
+    weight_dtype: Any = None,
+) -> tuple[NDArray[Any], F64]:
+    """Fold ``aff`` applied to the layer's input into the layer (computed in float64).
 
     ``in_map``/``out_map`` give every weight element's input and output channel. The new
     bias is ``b[o] + sum(W[e] * shift[in(e)] for e with out(e) == o)``; exact only when the
-    layer applies no zero padding to its input (the caller checks that).
+    layer applies no zero padding to its input (the caller checks that). The weight is
+    float64, or rounded once to ``weight_dtype`` when given (see :func:`fold_backward`).
     """
     b = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (out_channels,)).copy()
@@ -201,7 +228,7 @@ def fold_forward(
             contrib = contrib.sum(axis=axes, keepdims=True)
     full_out = np.broadcast_to(out_map, contrib.shape)
     b += np.bincount(full_out.ravel(), weights=contrib.ravel(), minlength=out_channels)
-    return np.multiply(weight, _gather(aff.scale, in_map), dtype=np.float64), b
+    return _scaled(weight, _gather(aff.scale, in_map), weight_dtype), b
 
 
 def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
@@ -210,8 +237,10 @@ def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
     Raises :class:`OverflowError` when a finite value becomes infinite (fp16 and bf16
     overflow silently to ``inf`` otherwise).
     """
-    a64 = np.asarray(arr, dtype=np.float64)
     dt = np.dtype(dtype)
+    if isinstance(arr, np.ndarray) and arr.dtype == dt:
+        return arr  # already of that type (e.g. rounded inside the fold): nothing to round
+    a64 = np.asarray(arr, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         if dt.name == "bfloat16":
             # ml_dtypes casts float64 -> float32 -> bfloat16 (two roundings); round once here

@@ -407,6 +407,48 @@ def test_fold_backward_matches_layer_then_bn(data: st.DataObject) -> None:
         bound += 1e-9 * (magnitude(layer, w2, b2) + np.abs(expected))
         assert np.all(np.abs(got_q - expected) <= bound)
 
+    # rounding inside the fold (weight_dtype) gives exactly round_to of the float64 fold
+    wd, bd = fold_backward(layer.w, layer.b, bn.affine(), layer.out_map, weight_dtype=dtype)
+    assert wd.dtype == dtype and np.array_equal(bd, b2)
+    np.testing.assert_array_equal(wd, round_to(w2, dtype))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=seeds,
+    dtype=st.sampled_from([np.float16, np.float32, np.float64, ml_dtypes.bfloat16]),
+    big=st.booleans(),
+)
+def test_weight_dtype_rounds_once_or_raises_like_round_to(seed: int, dtype: Any, big: bool) -> None:
+    r = np.random.default_rng(seed)
+    w = r.normal(0, 1, (5, 3, 2)).astype(np.float32)
+    scale = r.uniform(0.5, 2, 5) * (1e6 if big else 1.0)  # 1e6 overflows float16
+    aff = Affine(scale, r.normal(0, 1, 5))
+    cmap = channel_map(w.shape, (0,))
+    w64, _ = fold_backward(w, None, aff, cmap)
+    try:
+        expected = round_to(w64, dtype)
+    except OverflowError:
+        with pytest.raises(OverflowError, match="overflow"):
+            fold_backward(w, None, aff, cmap, weight_dtype=dtype)
+        return
+    got, _ = fold_backward(w, None, aff, cmap, weight_dtype=dtype)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got.astype(np.float64), expected.astype(np.float64))
+    # forward too (the input channels are axis 1 of the same weight)
+    fwd = Affine(scale[:3], r.normal(0, 1, 3))
+    imap = channel_map(w.shape, (1,))
+    wf, bf = fold_forward(w, None, fwd, imap, cmap, 5)
+    try:
+        ef = round_to(wf, dtype)
+    except OverflowError:
+        with pytest.raises(OverflowError, match="overflow"):
+            fold_forward(w, None, fwd, imap, cmap, 5, weight_dtype=dtype)
+        return
+    gf, gb = fold_forward(w, None, fwd, imap, cmap, 5, weight_dtype=dtype)
+    np.testing.assert_array_equal(gf.astype(np.float64), ef.astype(np.float64))
+    np.testing.assert_array_equal(gb, bf)
+
 
 def test_fold_backward_grouped_conv_transpose_needs_the_group_view() -> None:
     """The bug several tools shipped: treating axis 1 of W[C_in, C_out/g, k] as C_out."""

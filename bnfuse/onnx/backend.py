@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -82,14 +83,14 @@ def _count(model: onnx.ModelProto) -> tuple[int, int, int]:
     def walk(graph: onnx.GraphProto) -> None:
         nonlocal nodes, bns, params
         for t in graph.initializer:
-            params += int(np.prod(t.dims)) if t.dims else 1
+            params += math.prod(t.dims)
         for n in graph.node:
             nodes += 1
             bns += n.op_type in NORM_OPS
             if n.op_type == "Constant":
                 for a in n.attribute:
                     if a.type == onnx.AttributeProto.TENSOR:
-                        params += int(np.prod(a.t.dims)) if a.t.dims else 1
+                        params += math.prod(a.t.dims)
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)

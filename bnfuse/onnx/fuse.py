@@ -233,12 +233,15 @@ def fuse_graph(
         f for f in NORM_FINDERS if not (f is affine_norm and AFFINE_FINDER in options.skip_rules)
     ]
     refused: dict[str, Refusal] = {}
-    removed: set[int] = set()
     dead: set[str] = set()  # parameters of folded normalizations, dropped once at the end
     while True:
         progressed = False
         refused.clear()
-        for node in list(graph.node):
+        # ids of nodes removed during this pass; valid only while ``pass_nodes`` holds
+        # the wrappers (protobuf wrappers die with their last reference, ids get reused)
+        removed: set[int] = set()
+        pass_nodes = list(graph.node)
+        for node in pass_nodes:
             if id(node) in removed:
                 continue
             norm: Norm | str | None = None
@@ -266,7 +269,10 @@ def fuse_graph(
                 result.folds.append(fold)
                 removed.update(id(n) for n in norm.nodes)
                 dead.update(norm.params)
-                g.reindex()
+                if CHECK_INDEX:
+                    mismatch = g.index_matches()
+                    if mismatch:
+                        raise FusionInvariantError(mismatch, fold=fold.bn, scope=scope)
                 progressed = True
                 continue
             refused[label] = Refusal(label, reason, norm.kind, rule, scope)
@@ -277,6 +283,10 @@ def fuse_graph(
         g.remove_unused_initializers(dead)
     _check_invariants(g, result, scope)
 
+
+#: Tests set this to compare the incrementally kept graph index with a fresh one after
+#: every fold (a wrong index could make a later fold miss a consumer).
+CHECK_INDEX = False
 
 #: Errors of *reading* a malformed graph while matching (nothing was changed yet): they
 #: become a refusal of that normalization. Errors while rewriting are not caught.
@@ -362,14 +372,13 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
     try:
         for rule, t in targets:
             rule.rewrite(norm, t, g)  # type: ignore[attr-defined]
-            g.reindex()
     except OverflowError as exc:
         return (targets[0][0].name, f"{exc} (fold refused)")  # type: ignore[attr-defined]
     for _, t in targets:
         head = t.via if t.via is not None else t.node
         for i, name in enumerate(head.input):
             if name == norm.output:
-                head.input[i] = norm.input
+                g.set_input(head, i, norm.input)
     for n in norm.nodes:
         g.remove_node(n)
     g.drop_value_info([norm.output])

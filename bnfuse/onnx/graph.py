@@ -353,9 +353,7 @@ class Graph:
                 set_tensor(value.t, arr, dtype_id)
                 return
         name = self.add_const(arr, base, dtype_id)
-        while len(node.input) <= slot:
-            node.input.append("")
-        node.input[slot] = name
+        self.set_input(node, slot, name)
 
     def add_const(self, arr: np.ndarray, base: str, dtype_id: int | None = None) -> str:
         """Store a new constant under a fresh name (an initializer, or in a function
@@ -387,13 +385,87 @@ class Graph:
         cons = self.consumers.get(name, [])
         return len(cons) == 1 and cons[0] is node and list(node.input).count(name) == 1
 
+    # ---- structural edits that keep the index exact (no reindex needed) ----------
+    def _node_reads(self, node: onnx.NodeProto) -> set[str]:
+        names = {i for i in node.input if i}
+        for sub in subgraphs(node):
+            names |= outer_names_used(sub)
+        return names
+
+    def _unlink(self, node: onnx.NodeProto, names: Iterable[str]) -> None:
+        for name in names:
+            cons = self.consumers.get(name)
+            if cons is None:
+                continue
+            cons[:] = [c for c in cons if c is not node]
+            if not cons:
+                del self.consumers[name]
+
+    def _link(self, node: onnx.NodeProto) -> None:
+        for o in node.output:
+            if o:
+                self.producer[o] = node
+        for name in sorted(self._node_reads(node)):
+            cons = self.consumers.setdefault(name, [])
+            if not any(c is node for c in cons):
+                cons.append(node)
+
+    def set_input(self, node: onnx.NodeProto, slot: int, name: str) -> None:
+        """``node.input[slot] = name`` (appending empty inputs up to ``slot``)."""
+        while len(node.input) <= slot:
+            node.input.append("")
+        old = node.input[slot]
+        node.input[slot] = name
+        if old and old not in self._node_reads(node):
+            self._unlink(node, [old])
+        if name:
+            cons = self.consumers.setdefault(name, [])
+            if not any(c is node for c in cons):
+                cons.append(node)
+
+    def set_output(self, node: onnx.NodeProto, slot: int, name: str) -> None:
+        """``node.output[slot] = name``."""
+        old = node.output[slot]
+        node.output[slot] = name
+        if old and self.producer.get(old) is node:
+            del self.producer[old]
+        if name:
+            self.producer[name] = node
+
     def remove_node(self, node: onnx.NodeProto) -> None:
         """Remove ``node`` from the graph (identity comparison)."""
         for i, n in enumerate(self.g.node):
             if n is node:
+                for o in node.output:
+                    if o and self.producer.get(o) is node:
+                        del self.producer[o]
+                self._unlink(node, self._node_reads(node))
                 del self.g.node[i]
                 return
         raise ValueError("node not in graph")
+
+    def index_matches(self) -> str | None:
+        """None when the incrementally kept index equals a fresh one, else the difference
+        (a self-check the tests switch on through ``fuse.CHECK_INDEX``)."""
+        # node wrappers live only while referenced: keep the old maps alive while
+        # rebuilding, so that "is" compares the same protobuf messages
+        producer, consumers, inits = self.producer, self.consumers, set(self.inits)
+        self.reindex()
+        bad = [
+            k
+            for k in set(producer) | set(self.producer)
+            if producer.get(k) is not self.producer.get(k)
+        ]
+        if bad:
+            return f"producer index out of date for {sorted(bad)[:5]}"
+        names = {k for k, v in consumers.items() if v} | {k for k, v in self.consumers.items() if v}
+        for k in sorted(names):
+            a, b = consumers.get(k, []), self.consumers.get(k, [])
+            if len(a) != len(b) or any(not any(x is y for y in b) for x in a):
+                return f"consumer index out of date for {k!r}"
+        if inits != set(self.inits):
+            return f"initializer index out of date for {sorted(inits ^ set(self.inits))[:5]}"
+        return None
 
     def drop_value_info(self, names: Iterable[str]) -> None:
         """Forget shape annotations of tensors that no longer exist."""
@@ -430,8 +502,6 @@ class Graph:
         gone = [n.output[0] for n in dead_nodes]
         for n in dead_nodes:
             self.remove_node(n)
-        for name in gone:  # the index stays exact without a second reindex
-            self.producer.pop(name, None)
         if gone:
             self.drop_value_info(gone)
 
@@ -440,7 +510,9 @@ class Graph:
         for i, n in enumerate(self.g.node):
             if n is anchor:
                 self.g.node.insert(i + 1, new)
-                return self.g.node[i + 1]
+                stored = self.g.node[i + 1]
+                self._link(stored)
+                return stored
         raise ValueError("anchor not in graph")
 
 

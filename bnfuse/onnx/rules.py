@@ -273,7 +273,7 @@ class BackwardRule:
         """Make the absorbing node produce the normalization's output; drop the norm."""
         last = m.tail
         old = last.output[0]
-        last.output[0] = m.norm.output
+        g.set_output(last, 0, m.norm.output)
         for n in m.norm.nodes:
             g.remove_node(n)
         g.drop_value_info([old])
@@ -313,7 +313,9 @@ class _ConvLikeBN(BackwardRule):
         w = g.const(p.input[1])
         groups = _conv_groups(p)
         aff = _affine_n(m.norm, self.out_channels(w, groups))
-        w2, b2 = fold_backward(w, _bias(g, p, 2), aff, self.out_map(w, groups))
+        w2, b2 = fold_backward(
+            w, _bias(g, p, 2), aff, self.out_map(w, groups), weight_dtype=w.dtype
+        )
         g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
         g.write_const(
             p,
@@ -389,7 +391,7 @@ class GemmBN(BackwardRule):
         n = b.shape[0] if trans_b else b.shape[1]
         aff = _affine_n(m.norm, n)
         out_axis = 0 if trans_b else 1
-        w2, _ = fold_backward(b, None, aff, channel_map(b.shape, (out_axis,)))
+        w2, _ = fold_backward(b, None, aff, channel_map(b.shape, (out_axis,)), weight_dtype=b.dtype)
         beta = float(attr(p, "beta", 1.0))
         c = _bias(g, p, 2)
         c2 = aff.shift if c is None else beta * c * aff.scale + aff.shift
@@ -504,7 +506,7 @@ class MatMulBN(BackwardRule):
         bias = None
         if m.add is not None:
             bias = np.broadcast_to(g.const(self._bias_name(m)).astype(np.float64).reshape(-1), (n,))
-        w2, b2 = fold_backward(w, bias, aff, channel_map(w.shape, (1,)))
+        w2, b2 = fold_backward(w, bias, aff, channel_map(w.shape, (1,)), weight_dtype=w.dtype)
         g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
         if m.add is not None:
             name = self._bias_name(m)
@@ -523,7 +525,7 @@ class MatMulBN(BackwardRule):
                 [p.output[0]],
                 name=g.names.new(f"{node_label(p)}_bias_add"),
             )
-            p.output[0] = mid
+            g.set_output(p, 0, mid)
             stored = g.insert_after(p, add)
             m = BackwardMatch(m.norm, p, stored, m.via, m.via or stored)
         self._reroute(m, g)
@@ -611,7 +613,7 @@ class BNConv(ForwardRule):
             aff = _affine_n(norm, w.shape[0])
             in_map = _transpose_in_map(w.shape, groups)
             out_map = _transpose_out_map(w.shape, groups)
-        w2, b2 = fold_forward(w, _bias(g, c, 2), aff, in_map, out_map, cout)
+        w2, b2 = fold_forward(w, _bias(g, c, 2), aff, in_map, out_map, cout, weight_dtype=w.dtype)
         g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
         has_bias = len(c.input) > 2 and bool(c.input[2])
         if has_bias or np.any(b2 != 0):
@@ -733,7 +735,13 @@ class BNGemm(ForwardRule):
         k, n = w.shape[in_axis], w.shape[out_axis]
         aff = t.flat if t.flat is not None else _affine_n(norm, k)
         w2, tw = fold_forward(
-            w, None, aff, channel_map(w.shape, (in_axis,)), channel_map(w.shape, (out_axis,)), n
+            w,
+            None,
+            aff,
+            channel_map(w.shape, (in_axis,)),
+            channel_map(w.shape, (out_axis,)),
+            n,
+            weight_dtype=w.dtype,
         )
         g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
         if c.op_type == "Gemm":
@@ -773,7 +781,7 @@ class BNGemm(ForwardRule):
         new_add = onnx.helper.make_node(
             "Add", [mid, bias_name], [c.output[0]], name=g.names.new(f"{node_label(c)}_bias_add")
         )
-        c.output[0] = mid
+        g.set_output(c, 0, mid)
         g.insert_after(c, new_add)
 
 
