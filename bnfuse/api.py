@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from bnfuse import __version__
-from bnfuse.backend import Backend, FuseOptions, PassResult, Runner
+from bnfuse.backend import Backend, FuseOptions, InputSpec, PassResult, Runner
 from bnfuse.errors import (
+    FusionInvariantError,
     MissingDependencyError,
     ModelLoadError,
     UsageError,
@@ -83,13 +84,41 @@ def _check_output_path(src: Path | None, output: Path, backend: Backend) -> None
         raise UsageError(f"{output}: is a directory")
 
 
+class _Recorded:
+    """The reference side of validation: the original's outputs on every feed, computed
+    once, after which its runner (an onnxruntime session holding another copy of the
+    weights) can be released before the fused model's runner is built."""
+
+    def __init__(self, runner: Runner, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        from bnfuse.validate import run_side
+
+        self._inputs = list(runner.inputs)
+        self._names = list(runner.output_names)
+        self.runtime = str(getattr(runner, "runtime", "unknown"))
+        self._outs = {id(f): run_side(runner, f, fused=False) for f in feeds}
+
+    @property
+    def inputs(self) -> Sequence[InputSpec]:
+        return self._inputs
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._names
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._outs[id(feeds)]
+        except KeyError:
+            raise FusionInvariantError("validation ran a feed that was not recorded") from None
+
+
 @dataclass
 class _Ctx:
     """What validation, bisection and rollback share: one reference runner, one set of feeds."""
 
     backend: Backend
     original: Any
-    reference: Runner  # runs ``original``; built once, reused by every validation
+    reference: Runner  # the original's recorded outputs, reused by every validation
     options: FuseOptions
     feeds: list[dict[str, np.ndarray]]
     rtol: float | None
@@ -244,8 +273,11 @@ def fuse(
         else:
             feeds = _inputs.random_feeds(runner.inputs, samples, seed, input_shapes or {})
             source = f"random (seed {seed}, {samples} samples)"
+        _report(progress, "running the original", 0, None)
+        reference = _Recorded(runner, feeds)
+        del runner  # frees the original's session before the fused one is built
         ctx = _Ctx(
-            backend, original, runner, options, feeds, rtol, atol, source, tuple(passed.folds)
+            backend, original, reference, options, feeds, rtol, atol, source, tuple(passed.folds)
         )
         _report(progress, "validating", 0, None)
         validation = ctx.validate(passed.model)

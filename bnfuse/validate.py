@@ -211,7 +211,7 @@ def output_metrics(
     )
 
 
-def _run(runner: Runner, feed: Mapping[str, np.ndarray], *, fused: bool) -> list[np.ndarray]:
+def run_side(runner: Runner, feed: Mapping[str, np.ndarray], *, fused: bool) -> list[np.ndarray]:
     """Run one side; a runtime failure becomes a documented error.
 
     The original failing to run means the model itself is broken or beyond the runtime
@@ -274,8 +274,8 @@ def compare(
     per_ref: list[list[np.ndarray]] = [[] for _ in ref_names]
     per_fused: list[list[np.ndarray]] = [[] for _ in ref_names]
     for feed in feeds:
-        outs_r = _run(ref, feed, fused=False)
-        outs_f = _run(fused, feed, fused=True)
+        outs_r = run_side(ref, feed, fused=False)
+        outs_f = run_side(fused, feed, fused=True)
         if len(outs_r) != len(ref_names) or len(outs_f) != len(ref_names):
             raise FusionInvariantError(
                 f"a runner returned {len(outs_r)}/{len(outs_f)} outputs for "

@@ -205,3 +205,28 @@ def test_bench_on_a_real_model(model_path: Path) -> None:
     assert ORT_FOLDS_NOTE in b.notes
     assert b.machine["onnxruntime"] == ort.__version__
     json.loads(report.to_json(result))
+
+
+def test_original_runs_once_per_sample_then_its_session_is_released(
+    model_path: Path, tmp_path: Path, corrupt_bn2: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bisection and rollback validate many fused variants; the original is run once per
+    # sample and its outputs reused (its session, another copy of the weights, is freed)
+    from bnfuse.onnx import backend as onnx_backend
+
+    runners: list[Any] = []  # in order of first run (kept alive: ids are not reused)
+    real_run = onnx_backend.OrtRunner.run
+
+    def counting_run(self: Any, feeds: Any) -> Any:
+        if not any(r is self for r in runners):
+            runners.append(self)
+            self.test_runs = 0
+        self.test_runs += 1
+        return real_run(self, feeds)
+
+    monkeypatch.setattr(onnx_backend.OrtRunner, "run", counting_run)
+    result = bnfuse.fuse(model_path, tmp_path / "f.onnx", rollback=True, samples=3)
+    assert result.validation is not None and result.validation.rolled_back == ("bn2",)
+    counts = [r.test_runs for r in runners]
+    assert counts[0] == 3  # the original: one run per sample, first
+    assert len(counts) > 3 and all(c == 3 for c in counts)  # several fused variants
