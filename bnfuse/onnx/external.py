@@ -17,6 +17,7 @@ So a fold holds about two copies of the weights (the original and the fused mode
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -397,7 +398,7 @@ def _copy_meta(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
 
 
 def _elements(t: onnx.TensorProto) -> int:
-    return int(np.prod([int(d) for d in t.dims])) if t.dims else 1
+    return math.prod(int(d) for d in t.dims)
 
 
 def payload_bytes(t: onnx.TensorProto) -> int:
