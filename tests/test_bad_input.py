@@ -155,3 +155,28 @@ def test_bad_statistics_are_refused_not_crashed(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["refusals"][0]["reason"] == "variance + epsilon <= 0: BN is undefined"
+
+
+def test_large_weight_of_the_wrong_size_is_refused_or_rejected(tmp_path: Path) -> None:
+    # payloads of 1 MiB or more are not measured at load (that would copy them); a
+    # damaged one is caught when the fold reads it, and by onnxruntime when validating
+    b = GraphBuilder(seed=33)
+    x = b.input("x", ["N", 64, 8, 8])
+    b.output(b.bn(b.conv(x, 64, 512, [3, 3]), 512, name="bn"))  # weight: 1.18 MB
+    m = b.model()
+    w = next(t for t in m.graph.initializer if len(t.dims) == 4)
+    assert len(w.raw_data) >= 1 << 20
+    w.raw_data = w.raw_data[:-4]  # one float short
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    r = runner.invoke(app, [str(src), "--json", "--no-validate"])
+    assert r.exit_code == 0, r.output
+    (refusal,) = json.loads(r.stdout)["refusals"]
+    assert refusal["bn"] == "bn" and "cannot be read" in refusal["reason"]
+    # nothing folded, so nothing to validate: the output is the input, unchanged, and the
+    # report says why the BN stayed
+    out = tmp_path / "f.onnx"
+    r = runner.invoke(app, [str(src), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "cannot be read" in r.output and "Traceback" not in r.output
+    assert onnx.load(out).graph.initializer[0] == onnx.load(src).graph.initializer[0]

@@ -191,9 +191,17 @@ _FIELDS: dict[str, dict[int, int]] = {
 }
 
 
+#: raw payloads from this size on are not measured at load: ``len(t.raw_data)`` copies
+#: the bytes (python-upb), tens of ms per 100 MB. A large payload of the wrong size is
+#: still caught when a fold reads it (``graph._to_array``) and by onnxruntime on
+#: validation; one nobody reads is written back unchanged.
+RAW_CHECK_LIMIT = 1 << 20
+
+
 def payload_reason(t: onnx.TensorProto) -> str | None:
     """None when a tensor's stored data matches its shape and type (or cannot be checked
-    cheaply: external, packed 4-bit/8-bit float types), else why not."""
+    cheaply: external, packed 4-bit/8-bit float types, raw payloads of
+    ``RAW_CHECK_LIMIT`` bytes or more), else why not."""
     if t.data_location == _EXTERNAL:
         return None
     if any(int(d) < 0 for d in t.dims):
@@ -202,6 +210,8 @@ def payload_reason(t: onnx.TensorProto) -> str | None:
     if t.HasField("raw_data"):
         if t.data_type in _RAW_TYPES:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            if n * itemsize >= RAW_CHECK_LIMIT:
+                return None
             size = len(t.raw_data)
             if size != n * itemsize:
                 return (
