@@ -387,7 +387,11 @@ class Graph:
 
     # ---- structural edits that keep the index exact (no reindex needed) ----------
     def _node_reads(self, node: onnx.NodeProto) -> set[str]:
+        """Names ``node`` reads: its inputs and, for ops with subgraphs, their outer
+        references (the same rule as :meth:`reindex`)."""
         names = {i for i in node.input if i}
+        if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+            return names
         for sub in subgraphs(node):
             names |= outer_names_used(sub)
         return names
