@@ -59,15 +59,20 @@ def files(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
-def test_round_trip_with_external_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("validate", [True, False])  # False: folded in place, no copy
+def test_round_trip_with_external_data(tmp_path: Path, validate: bool) -> None:
     src_dir, out_dir = tmp_path / "in", tmp_path / "out"
     src_dir.mkdir()
     out_dir.mkdir()
     m = small_model()
     save_external(m, src_dir / "m.onnx", "weights.bin")
-    res = bnfuse.fuse(src_dir / "m.onnx", out_dir / "fused.onnx")
+    before = {p.name: p.read_bytes() for p in src_dir.iterdir()}
+    res = bnfuse.fuse(src_dir / "m.onnx", out_dir / "fused.onnx", validate=validate)
     assert res.written
-    assert res.validation is not None and res.validation.passed
+    if validate:
+        assert res.validation is not None and res.validation.passed
+    else:
+        assert res.validation is None
     assert len(res.folds) == 3
     assert files(out_dir) == ["fused.onnx", "fused.onnx.data"]
     assert external_locations(out_dir / "fused.onnx") == {"fused.onnx.data"}  # relative
@@ -86,6 +91,7 @@ def test_round_trip_with_external_data(tmp_path: Path) -> None:
     np.testing.assert_allclose(sess.run(None, feeds)[0], ref[0], rtol=1e-4, atol=1e-4)
     # the input is untouched
     assert files(src_dir) == ["m.onnx", "weights.bin"]
+    assert {p.name: p.read_bytes() for p in src_dir.iterdir()} == before
 
 
 def test_external_data_in_constants_and_subgraphs(tmp_path: Path) -> None:

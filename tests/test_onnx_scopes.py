@@ -3,6 +3,8 @@ functions, with weights from the enclosing scope or Constant nodes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import pytest
@@ -341,3 +343,15 @@ def test_count_affine_nodes_sees_subgraphs_and_functions() -> None:
     assert count_affine_nodes(function_model()) == {"BatchNormalization": 1, "affine": 1}
     res = fuse(if_model())
     assert count_affine_nodes(res.model) == {"BatchNormalization": 0, "affine": 0}
+
+
+@pytest.mark.parametrize("build", [lambda: if_model(True), function_model])
+def test_in_place_fold_equals_the_copying_fold(build: Callable[[], onnx.ModelProto]) -> None:
+    # FuseOptions(in_place=True) (a model loaded from a path, nothing needs the original)
+    # rewrites the given object; the result must equal the copying fold's
+    copied = fuse(build())
+    target = build()
+    res = OnnxBackend().fuse(target, FuseOptions(in_place=True))
+    assert res.model is target
+    assert [f.bn for f in res.folds] == [f.bn for f in copied.folds] and res.folds
+    assert res.model.SerializeToString() == copied.model.SerializeToString()
