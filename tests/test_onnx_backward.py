@@ -283,3 +283,23 @@ def test_weights_from_constant_nodes() -> None:
     y = b.bn(y, 4)
     b.output(y)
     check_folded(b.model(), 1)
+
+
+def test_fp16_bias_overflow_refused_before_anything_is_written() -> None:
+    # the folded weight fits float16 (x2), the folded bias does not (2*30000 + 10000):
+    # every value is rounded before the first write, so the refusal leaves the Conv as it was
+    b = GraphBuilder(seed=13, dtype=TensorProto.FLOAT16)
+    x = b.input("x", ["N", 2, 4, 4])
+    w = b.const(np.full((2, 2, 1, 1), 0.5, np.float16))
+    bias = b.const(np.full(2, 30000, np.float16))
+    y = b.node("Conv", [x, w, bias])
+    params = [np.full(2, 2, np.float16), np.full(2, 10000, np.float16)]
+    params += [np.zeros(2, np.float16), np.full(2, 1 - 1e-5, np.float16)]
+    y = b.node("BatchNormalization", [y] + [b.const(p) for p in params], name="bn")
+    b.output(y)
+    m = b.model()
+    res = fuse(m)
+    assert not res.folds
+    assert "overflow float16" in res.refusals[0].reason
+    assert res.model.graph.node == m.graph.node
+    assert list(res.model.graph.initializer) == list(m.graph.initializer)

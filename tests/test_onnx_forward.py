@@ -225,3 +225,26 @@ def test_elementwise_affine_before_conv_refused() -> None:
     res = fuse(b.model())
     assert not res.folds
     assert "varies along several axes" in res.refusals[0].reason
+
+
+def test_overflow_in_a_later_consumer_leaves_the_earlier_ones_unwritten() -> None:
+    # BN -> two 1x1 Convs (float16); the second's folded bias overflows: both are checked
+    # before either is rewritten, so the refusal leaves the graph exactly as it was
+    from onnx import TensorProto
+
+    b = GraphBuilder(seed=14, dtype=TensorProto.FLOAT16)
+    x = b.input("x", ["N", 2, 4, 4])
+    params = [np.full(2, 1, np.float16), np.full(2, 100, np.float16)]
+    params += [np.zeros(2, np.float16), np.full(2, 1, np.float16)]
+    y = b.node("BatchNormalization", [x] + [b.const(p) for p in params], name="bn")
+    w1 = b.const(np.full((2, 2, 1, 1), 0.5, np.float16))
+    w2 = b.const(np.full((2, 2, 1, 1), 320, np.float16))
+    big = b.const(np.full(2, 5000, np.float16))
+    b.output(b.node("Conv", [y, w1]))
+    b.output(b.node("Conv", [y, w2, big]))  # bias 5000 + 2*320*100 = 69000 > 65504
+    m = b.model()
+    res = fuse(m)
+    assert not res.folds, res.folds
+    assert "overflow float16" in res.refusals[0].reason, res.refusals
+    assert res.model.graph.node == m.graph.node
+    assert list(res.model.graph.initializer) == list(m.graph.initializer)

@@ -370,6 +370,9 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
     if norm.output in g.output_names:
         return (targets[0][0].name, f"{norm.kind} output is a graph output")  # type: ignore[attr-defined]
     try:
+        if len(targets) > 1:  # an overflow in a later target must not leave earlier ones
+            for rule, t in targets:  # rewritten: check them all first
+                rule.rewrite(norm, t, g, dry=True)  # type: ignore[attr-defined]
         for rule, t in targets:
             rule.rewrite(norm, t, g)  # type: ignore[attr-defined]
     except OverflowError as exc:

@@ -355,6 +355,13 @@ class Graph:
         name = self.add_const(arr, base, dtype_id)
         self.set_input(node, slot, name)
 
+    def rounded(self, value64: np.ndarray, like: str | None) -> np.ndarray:
+        """``value64`` rounded once to the element type of constant ``like`` (float when
+        None). Raises OverflowError like :func:`~bnfuse.fold.round_to`; rules round every
+        value of a fold first, so an overflow refuses it before anything is written."""
+        dtype_id = self.const_dtype(like) if like else onnx.TensorProto.FLOAT
+        return round_to(np.asarray(value64), onnx.helper.tensor_dtype_to_np_dtype(dtype_id))
+
     def add_const(self, arr: np.ndarray, base: str, dtype_id: int | None = None) -> str:
         """Store a new constant under a fresh name (an initializer, or in a function
         body a ``Constant`` node placed first); return the name."""

@@ -9,13 +9,14 @@ a foldable per-channel affine, its parameters are constants, it is not excluded.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from bnfuse.errors import FusionInvariantError
-from bnfuse.fold import Affine, channel_map, check_bn, fold_backward, fold_forward, round_to
+from bnfuse.fold import Affine, channel_map, check_bn, fold_backward, fold_forward
 from bnfuse.onnx.graph import Graph, attr, node_label, set_attr
 
 #: ``Norm.axis`` of an element-wise affine (see ``Norm.elem_shape``).
@@ -316,14 +317,10 @@ class _ConvLikeBN(BackwardRule):
         w2, b2 = fold_backward(
             w, _bias(g, p, 2), aff, self.out_map(w, groups), weight_dtype=w.dtype
         )
+        like = p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1]
+        b2 = g.rounded(b2, like)  # every value rounded (overflow checked) before any write
         g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
-        g.write_const(
-            p,
-            2,
-            b2,
-            p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1],
-            f"{node_label(p)}_bias_bnfused",
-        )
+        g.write_const(p, 2, b2, like, f"{node_label(p)}_bias_bnfused")
         self._reroute(m, g)
         return node_label(p)
 
@@ -395,9 +392,10 @@ class GemmBN(BackwardRule):
         beta = float(attr(p, "beta", 1.0))
         c = _bias(g, p, 2)
         c2 = aff.shift if c is None else beta * c * aff.scale + aff.shift
-        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
         like = p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1]
-        g.write_const(p, 2, np.asarray(c2), like, f"{node_label(p)}_C_bnfused")
+        c2 = g.rounded(np.asarray(c2), like)  # overflow refuses before any write
+        g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
+        g.write_const(p, 2, c2, like, f"{node_label(p)}_C_bnfused")
         set_attr(p, "beta", 1.0)
         self._reroute(m, g)
         return node_label(p)
@@ -507,17 +505,16 @@ class MatMulBN(BackwardRule):
         if m.add is not None:
             bias = np.broadcast_to(g.const(self._bias_name(m)).astype(np.float64).reshape(-1), (n,))
         w2, b2 = fold_backward(w, bias, aff, channel_map(w.shape, (1,)), weight_dtype=w.dtype)
+        # every value rounded (overflow checked) before any write
+        name = self._bias_name(m) if m.add is not None else p.input[1]
+        b2 = g.rounded(b2, name)
         g.write_const(p, 1, w2, p.input[1], f"{p.input[1]}_bnfused")
         if m.add is not None:
-            name = self._bias_name(m)
             slot = list(m.add.input).index(name)
             g.write_const(m.add, slot, b2, name, f"{node_label(m.add)}_bias_bnfused")
         elif np.any(b2 != 0):
             dtype_id = g.const_dtype(p.input[1])
-            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_id)
-            bias_name = g.add_const(
-                round_to(b2, np_dtype), f"{node_label(p)}_bias_bnfused", dtype_id
-            )
+            bias_name = g.add_const(b2, f"{node_label(p)}_bias_bnfused", dtype_id)
             mid = g.names.new(f"{p.output[0]}_matmul")
             add = onnx.helper.make_node(
                 "Add",
@@ -560,7 +557,9 @@ class ForwardRule:
         """A target for this consumer, a refusal reason, or None when the rule does not apply."""
         raise NotImplementedError
 
-    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph) -> None:
+    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph, dry: bool = False) -> None:
+        """Apply the fold to this target. Every new value is computed and rounded (an
+        overflow raises OverflowError) before the first write; ``dry`` stops there."""
         raise NotImplementedError
 
 
@@ -599,7 +598,7 @@ class BNConv(ForwardRule):
             return PAD_REASON
         return ForwardTarget(c, scale_only=shift_zero)
 
-    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph) -> None:
+    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph, dry: bool = False) -> None:
         c = t.node
         w = g.const(c.input[1])
         groups = _conv_groups(c)
@@ -614,12 +613,14 @@ class BNConv(ForwardRule):
             in_map = _transpose_in_map(w.shape, groups)
             out_map = _transpose_out_map(w.shape, groups)
         w2, b2 = fold_forward(w, _bias(g, c, 2), aff, in_map, out_map, cout, weight_dtype=w.dtype)
-        g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
         has_bias = len(c.input) > 2 and bool(c.input[2])
+        like = c.input[2] if has_bias else c.input[1]
+        b2 = g.rounded(b2, like)  # every value rounded (overflow checked) before any write
+        if dry:
+            return
+        g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
         if has_bias or np.any(b2 != 0):
-            g.write_const(
-                c, 2, b2, c.input[2] if has_bias else c.input[1], f"{node_label(c)}_bias_bnfused"
-            )
+            g.write_const(c, 2, b2, like, f"{node_label(c)}_bias_bnfused")
 
 
 class BNGemm(ForwardRule):
@@ -727,7 +728,7 @@ class BNGemm(ForwardRule):
             return f"{norm.kind} does not broadcast over the {c.op_type} input {list(feat_shape)}"
         return Affine(scale, shift)
 
-    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph) -> None:
+    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph, dry: bool = False) -> None:
         c = t.node
         w = g.const(c.input[1])
         trans_b = c.op_type == "Gemm" and int(attr(c, "transB", 0))
@@ -743,7 +744,8 @@ class BNGemm(ForwardRule):
             n,
             weight_dtype=w.dtype,
         )
-        g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
+        # plan the bias, every value rounded (overflow checked) before anything is written
+        write_bias: Callable[[], None] | None = None
         if c.op_type == "Gemm":
             alpha = float(attr(c, "alpha", 1.0))
             beta = float(attr(c, "beta", 1.0))
@@ -751,11 +753,24 @@ class BNGemm(ForwardRule):
             c2 = alpha * tw if cb is None else beta * cb + alpha * tw
             if cb is not None or np.any(c2 != 0):
                 like = c.input[2] if len(c.input) > 2 and c.input[2] else c.input[1]
-                g.write_const(c, 2, np.asarray(c2), like, f"{node_label(c)}_C_bnfused")
-                set_attr(c, "beta", 1.0)
+                c2r = g.rounded(np.asarray(c2), like)
+
+                def write_bias() -> None:
+                    g.write_const(c, 2, c2r, like, f"{node_label(c)}_C_bnfused")
+                    set_attr(c, "beta", 1.0)
+
+        elif np.any(tw != 0):
+            write_bias = self._matmul_bias(c, tw, n, g)
+        if dry:
             return
-        if not np.any(tw != 0):
-            return
+        g.write_const(c, 1, w2, c.input[1], f"{c.input[1]}_bnfused")
+        if write_bias is not None:
+            write_bias()
+
+    @staticmethod
+    def _matmul_bias(c: onnx.NodeProto, tw: np.ndarray, n: int, g: Graph) -> Callable[[], None]:
+        """How to add ``tw`` to a MatMul's output: into the constant of the Add after it,
+        or through a new Add. The values are rounded here; the returned call writes."""
         add = g.only_consumer(c.output[0])
         if add is not None and add.op_type == "Add":
             slot = 1 if add.input[0] == c.output[0] else 0
@@ -766,23 +781,28 @@ class BNGemm(ForwardRule):
                 per_channel = b.ndim <= out_rank and all(d == 1 for d in b.shape[:-1])
                 if per_channel and b.size in (1, n):
                     b64 = np.broadcast_to(b.astype(np.float64).reshape(-1), (n,)) + tw
-                    g.write_const(
-                        add,
-                        slot,
-                        b64.reshape(b.shape if b.size == n else (n,)),
-                        bname,
-                        f"{node_label(add)}_bias_bnfused",
-                    )
-                    return
+                    new_b = g.rounded(b64.reshape(b.shape if b.size == n else (n,)), bname)
+
+                    def into_add() -> None:
+                        g.write_const(add, slot, new_b, bname, f"{node_label(add)}_bias_bnfused")
+
+                    return into_add
         dtype_id = g.const_dtype(c.input[1])
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_id)
-        bias_name = g.add_const(round_to(tw, np_dtype), f"{node_label(c)}_bias_bnfused", dtype_id)
-        mid = g.names.new(f"{c.output[0]}_matmul")
-        new_add = onnx.helper.make_node(
-            "Add", [mid, bias_name], [c.output[0]], name=g.names.new(f"{node_label(c)}_bias_add")
-        )
-        g.set_output(c, 0, mid)
-        g.insert_after(c, new_add)
+        twr = g.rounded(tw, c.input[1])
+
+        def new_add() -> None:
+            bias_name = g.add_const(twr, f"{node_label(c)}_bias_bnfused", dtype_id)
+            mid = g.names.new(f"{c.output[0]}_matmul")
+            node = onnx.helper.make_node(
+                "Add",
+                [mid, bias_name],
+                [c.output[0]],
+                name=g.names.new(f"{node_label(c)}_bias_add"),
+            )
+            g.set_output(c, 0, mid)
+            g.insert_after(c, node)
+
+        return new_add
 
 
 FORWARD_RULES: tuple[ForwardRule, ...] = (BNConv(), BNGemm())
