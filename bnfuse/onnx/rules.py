@@ -513,20 +513,23 @@ class MatMulBN(BackwardRule):
             slot = list(m.add.input).index(name)
             g.write_const(m.add, slot, b2, name, f"{node_label(m.add)}_bias_bnfused")
         elif np.any(b2 != 0):
-            dtype_id = g.const_dtype(p.input[1])
-            bias_name = g.add_const(b2, f"{node_label(p)}_bias_bnfused", dtype_id)
-            mid = g.names.new(f"{p.output[0]}_matmul")
-            add = onnx.helper.make_node(
-                "Add",
-                [mid, bias_name],
-                [p.output[0]],
-                name=g.names.new(f"{node_label(p)}_bias_add"),
-            )
-            g.set_output(p, 0, mid)
-            stored = g.insert_after(p, add)
+            stored = _add_bias_after(p, b2, g)
             m = BackwardMatch(m.norm, p, stored, m.via, m.via or stored)
         self._reroute(m, g)
         return node_label(p)
+
+
+def _add_bias_after(p: onnx.NodeProto, bias: np.ndarray, g: Graph) -> onnx.NodeProto:
+    """Give a MatMul a bias: ``p`` now writes a fresh name, read by a new ``Add(that,
+    bias)`` that produces ``p``'s old output. ``bias`` is already rounded to the weight's
+    type. Returns the stored Add."""
+    bias_name = g.add_const(bias, f"{node_label(p)}_bias_bnfused", g.const_dtype(p.input[1]))
+    mid = g.names.new(f"{p.output[0]}_matmul")
+    add = onnx.helper.make_node(
+        "Add", [mid, bias_name], [p.output[0]], name=g.names.new(f"{node_label(p)}_bias_add")
+    )
+    g.set_output(p, 0, mid)
+    return g.insert_after(p, add)
 
 
 BACKWARD_RULES: tuple[BackwardRule, ...] = (ConvBN(), ConvTransposeBN(), GemmBN(), MatMulBN())
@@ -787,20 +790,10 @@ class BNGemm(ForwardRule):
                         g.write_const(add, slot, new_b, bname, f"{node_label(add)}_bias_bnfused")
 
                     return into_add
-        dtype_id = g.const_dtype(c.input[1])
         twr = g.rounded(tw, c.input[1])
 
         def new_add() -> None:
-            bias_name = g.add_const(twr, f"{node_label(c)}_bias_bnfused", dtype_id)
-            mid = g.names.new(f"{c.output[0]}_matmul")
-            node = onnx.helper.make_node(
-                "Add",
-                [mid, bias_name],
-                [c.output[0]],
-                name=g.names.new(f"{node_label(c)}_bias_add"),
-            )
-            g.set_output(c, 0, mid)
-            g.insert_after(c, node)
+            _add_bias_after(c, twr, g)
 
         return new_add
 
