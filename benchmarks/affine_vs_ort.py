@@ -311,18 +311,10 @@ def machine() -> dict[str, str]:
     import tensorflow as tf
     import tf2onnx
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count() or 0
+    from bnfuse.bench import machine_info
+
+    info = machine_info()  # CPU model and usable cores, read the same way everywhere
+    cpu, usable = info["cpu"], info["usable_cores"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

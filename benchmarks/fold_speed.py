@@ -265,19 +265,10 @@ def machine_info() -> dict[str, str]:
     import onnxruntime as ort
 
     import bnfuse
+    from bnfuse.bench import machine_info as bench_machine_info
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = str(len(os.sched_getaffinity(0)))
-    except AttributeError:
-        usable = "?"
+    info = bench_machine_info()  # CPU model and usable cores, read the same way everywhere
+    cpu, usable = info["cpu"], info["usable_cores"]
     try:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
