@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 
 from bnfuse.backend import BenchTarget, InputSpec
-from bnfuse.errors import BnfuseError, FusionInvariantError, UnsupportedModelError, UsageError
+from bnfuse.errors import (
+    BnfuseError,
+    FusionInvariantError,
+    UnsupportedModelError,
+    UsageError,
+    first_line,
+)
 from bnfuse.inputs import random_feeds, resolve_shape
 from bnfuse.result import BenchResult, LatencyRow, LatencyStats
 
@@ -225,9 +231,7 @@ def _documented(what: str) -> Iterator[None]:
     except BnfuseError:
         raise
     except Exception as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise UnsupportedModelError(f"{what} fails to run: {first}") from None
+        raise UnsupportedModelError(f"{what} fails to run: {first_line(exc)}") from None
 
 
 def run(

@@ -15,6 +15,7 @@ Every message is one readable line meant for the user.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ __all__ = [
     "UnsupportedModelError",
     "UsageError",
     "ValidationError",
+    "first_line",
 ]
 
 
@@ -97,3 +99,12 @@ class FusionInvariantError(BnfuseError):
     def __init__(self, message: str, **context: Any) -> None:
         super().__init__(f"internal error (a bnfuse bug, please report it): {message}")
         self.context = context
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), at most
+    ``limit`` characters, terminal colour codes removed: how a foreign error (protobuf,
+    onnxruntime, TensorFlow) is quoted inside one of bnfuse's one-line messages."""
+    text = str(exc).strip() or type(exc).__name__
+    line = re.sub(r"\x1b\[[0-9;]*m", "", text.splitlines()[0].strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -22,7 +22,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.backend import Runner
-from bnfuse.errors import BnfuseError, FusionInvariantError, UnsupportedModelError, UsageError
+from bnfuse.errors import (
+    BnfuseError,
+    FusionInvariantError,
+    UnsupportedModelError,
+    UsageError,
+    first_line,
+)
 from bnfuse.inputs import is_float_dtype
 from bnfuse.result import OutputMetrics, Validation
 
@@ -223,8 +229,7 @@ def run_side(runner: Runner, feed: Mapping[str, np.ndarray], *, fused: bool) -> 
     except BnfuseError:
         raise
     except Exception as exc:
-        text = str(exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
+        first = first_line(exc)
         if fused:
             raise FusionInvariantError(
                 f"the fused model fails to run where the original ran: {first}"

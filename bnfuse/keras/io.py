@@ -24,6 +24,7 @@ from bnfuse.errors import (
     ModelLoadError,
     UnsupportedModelError,
     UsageError,
+    first_line,
 )
 
 __all__ = ["export_onnx", "load_model", "save_model"]
@@ -32,13 +33,6 @@ _UNSAFE_HINT = (
     "it runs arbitrary Python code when loaded, so bnfuse keeps Keras safe mode on; "
     "if you trust the file, pass --unsafe-load (unsafe_load=True)"
 )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    line = text.splitlines()[0].strip()
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line)  # Keras colours some messages
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def _walk_layer_configs(cfg: Any) -> Iterator[dict[str, Any]]:
@@ -75,7 +69,7 @@ def _read_config(path: Path) -> Any:
                     )
                 raw = zf.read("config.json")
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ModelLoadError(f"{path}: damaged .keras archive: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{path}: damaged .keras archive: {first_line(exc)}") from None
         try:
             return json.loads(raw)
         except ValueError:
@@ -97,7 +91,7 @@ def _read_config(path: Path) -> Any:
         raise
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"{path}: not a readable HDF5 model (truncated or corrupt?): {_first_line(exc)}"
+            f"{path}: not a readable HDF5 model (truncated or corrupt?): {first_line(exc)}"
         ) from None
 
 
@@ -164,8 +158,8 @@ def load_model(path: Path, *, unsafe_load: bool = False) -> Any:
                 "@keras.saving.register_keras_serializable) before loading"
             ) from None
         if "safe_mode" in msg or "lambda" in msg.lower():
-            raise ModelLoadError(f"{path}: {_first_line(exc)}; {_UNSAFE_HINT}") from None
-        raise ModelLoadError(f"{path}: cannot load the Keras model: {_first_line(exc)}") from None
+            raise ModelLoadError(f"{path}: {first_line(exc)}; {_UNSAFE_HINT}") from None
+        raise ModelLoadError(f"{path}: cannot load the Keras model: {first_line(exc)}") from None
     return model
 
 
@@ -222,7 +216,7 @@ def export_onnx(model: Any, path: Path) -> list[str]:
             except Exception as exc:
                 raise UnsupportedModelError(
                     f"ONNX export failed (Keras exporter / tf2onnx, dtype policy {policy}): "
-                    f"{_first_line(exc)}"
+                    f"{first_line(exc)}"
                 ) from None
         onnx_backend = _onnx_backend()
         if onnx_backend is None:

@@ -14,7 +14,7 @@ import onnx
 
 from bnfuse import __version__
 from bnfuse.backend import BenchTarget, FuseOptions, InputSpec, PassResult, atomic_path
-from bnfuse.errors import ModelLoadError, UnsupportedModelError, UsageError
+from bnfuse.errors import ModelLoadError, UnsupportedModelError, UsageError, first_line
 from bnfuse.onnx import external, serialize
 from bnfuse.onnx.fuse import RULE_NAMES, fuse_model
 from bnfuse.result import ModelStats
@@ -131,8 +131,9 @@ class OrtRunner:
         try:
             self.session = _cpu_session(data, level, threads)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from None
+            raise UnsupportedModelError(
+                f"onnxruntime cannot load the model: {first_line(exc)}"
+            ) from None
         self._inputs = [
             InputSpec(i.name, _ort_dtype(i.type), tuple(_dim(d) for d in i.shape))
             for i in self.session.get_inputs()
@@ -211,7 +212,7 @@ class OnnxBackend:
             raise
         except Exception as exc:
             raise ModelLoadError(
-                f"{path}: not a readable ONNX model ({_first_line(exc)})"
+                f"{path}: not a readable ONNX model ({first_line(exc, 200)})"
             ) from None
         self._check_model(model, path)
         try:
@@ -220,7 +221,7 @@ class OnnxBackend:
             raise
         except Exception as exc:
             raise ModelLoadError(
-                f"{path}: cannot read external data ({_first_line(exc)})"
+                f"{path}: cannot read external data ({first_line(exc, 200)})"
             ) from None
         reason = external.check_payloads(model)
         if reason:
@@ -358,8 +359,3 @@ def _set_meta(model: onnx.ModelProto, key: str, value: str) -> None:
             p.value = value
             return
     model.metadata_props.add(key=key, value=value)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from bnfuse.backend import FuseOptions, PassResult
-from bnfuse.errors import FusionInvariantError
+from bnfuse.errors import FusionInvariantError, first_line
 from bnfuse.onnx.affine import affine_norm
 from bnfuse.onnx.graph import (
     Graph,
@@ -294,7 +294,7 @@ READ_ERRORS = (MalformedNodeError, ValueError, TypeError, IndexError, KeyError)
 
 
 def _unreadable(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc, 200)
     if isinstance(exc, MalformedNodeError):
         return f"malformed node: {text}"
     return f"cannot read the graph around this node ({type(exc).__name__}: {text})"
