@@ -25,7 +25,7 @@ from bnfuse.errors import (
     UsageError,
     ValidationError,
 )
-from bnfuse.result import BenchResult, Fold, FuseResult, Validation
+from bnfuse.result import BenchResult, Deferred, Fold, FuseResult, Validation
 
 __all__ = ["Progress", "benchmark", "fuse", "get_backend"]
 
@@ -293,6 +293,10 @@ def fuse(
                 warnings.append(f"rolled back {len(names)} fold(s): {', '.join(names)}")
 
     after = backend.stats(passed.model)
+    fused_model = passed.model
+    # the user's model object, made on first access (the ONNX backend then fills in the
+    # weights it keeps outside the ModelProto); passed again to every replace below
+    public = Deferred(lambda: backend.complete(fused_model))
     result = FuseResult(
         backend=backend.name,  # type: ignore[arg-type]
         source=str(src) if src else type(model).__name__,
@@ -300,7 +304,7 @@ def fuse(
         refusals=tuple(passed.refusals),
         before=before,
         after=after,
-        model=passed.model,
+        model=public,
         output_path=str(out_path) if out_path else None,
         dry_run=dry_run,
         validation=validation,
@@ -311,6 +315,7 @@ def fuse(
     if bench:
         result = _replace(
             result,
+            model=public,
             bench=benchmark(
                 original,
                 passed.model,
@@ -341,6 +346,7 @@ def fuse(
         save_notes = tuple(getattr(backend, "save_notes", ()))
         result = _replace(
             result,
+            model=public,
             written=True,
             after=backend.stats(passed.model, out_path),
             warnings=result.warnings + save_notes,

@@ -97,7 +97,8 @@ class BenchTarget:
 
 
 class Backend(Protocol):
-    """A model format."""
+    """A model format. The model objects its methods take and return are the backend's
+    own (they may be wrappers); :meth:`complete` gives the user-facing object."""
 
     name: str
 
@@ -131,6 +132,12 @@ class Backend(Protocol):
 
     def save(self, model: Any, path: Path) -> None:
         """Write ``model`` to ``path`` atomically (see :func:`atomic_path`)."""
+        ...
+
+    def complete(self, model: Any) -> Any:
+        """The model object a user gets (``FuseResult.model``) from what :meth:`load`,
+        :meth:`accept` or :meth:`fuse` returned: the ONNX backend fills in the weights it
+        kept outside the ModelProto; other backends return ``model``."""
         ...
 
 

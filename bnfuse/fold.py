@@ -20,7 +20,7 @@ reports overflow instead of producing ``inf``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "Affine",
+    "Scaled",
     "bn_affine",
     "channel_map",
     "check_affine",
@@ -161,18 +162,103 @@ def _gather(vec: F64, cmap: NDArray[np.int64]) -> F64:
 
 _NATIVE_FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 
+#: bytes of output :meth:`Scaled.blocks` computes at a time
+BLOCK_BYTES = 1 << 20
 
-def _scaled(weight: NDArray[np.generic], factor: F64, out_dtype: Any) -> NDArray[Any]:
+
+class Scaled:
+    """``weight * factor`` computed in float64 and rounded once to ``dtype`` - not yet.
+
+    What :func:`fold_backward` / :func:`fold_forward` return for the weight when asked
+    for ``lazy`` results and the product provably cannot overflow ``dtype``: a writer
+    then computes it block by block into one reused buffer while writing it out
+    (:meth:`blocks`), so a fold of a large model neither holds a second copy of its
+    weights nor pays for fresh memory. ``numpy.asarray(scaled)`` computes it whole.
+    """
+
+    def __init__(self, weight: NDArray[np.generic], factor: F64, dtype: np.dtype[Any]) -> None:
+        self.shape: tuple[int, ...] = np.broadcast_shapes(weight.shape, factor.shape)
+        self.weight = np.broadcast_to(weight, self.shape)
+        self.factor = np.broadcast_to(factor, self.shape)
+        self.dtype = np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the product in bytes."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def _into(self, out: NDArray[Any], lo: int, hi: int) -> None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(
+                self.weight[lo:hi],
+                self.factor[lo:hi],
+                out=out,
+                dtype=np.float64,
+                casting="same_kind",
+            )
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> NDArray[Any]:
+        out = np.empty(self.shape, dtype=self.dtype)
+        if out.ndim == 0:
+            out[...] = np.multiply(self.weight, self.factor, dtype=np.float64)
+        else:
+            self._into(out, 0, self.shape[0])
+        return out if dtype is None else out.astype(dtype)
+
+    def blocks(self, reuse: bool = True) -> Iterator[NDArray[Any]]:
+        """The product in C order, as consecutive C-contiguous blocks of rows (about
+        :data:`BLOCK_BYTES` each). With ``reuse`` every block is the same buffer,
+        overwritten by the next: use each before asking for the next."""
+        if len(self.shape) < 2 or self.nbytes <= BLOCK_BYTES:
+            yield np.asarray(self)
+            return
+        row = self.nbytes // self.shape[0]
+        step = max(1, BLOCK_BYTES // row)
+        buf = np.empty((step, *self.shape[1:]), dtype=self.dtype) if reuse else None
+        for lo in range(0, self.shape[0], step):
+            hi = min(lo + step, self.shape[0])
+            out = (
+                buf[: hi - lo]
+                if buf is not None
+                else np.empty((hi - lo, *self.shape[1:]), self.dtype)
+            )
+            self._into(out, lo, hi)
+            yield out
+
+
+def _cannot_overflow(weight: NDArray[np.generic], factor: F64, dt: np.dtype[Any]) -> bool:
+    """True when every ``weight * factor`` is provably finite after rounding to ``dt``
+    (or non-finite only because the weight already is, which rounding keeps as it is)."""
+    if factor.size == 0 or weight.size == 0:
+        return True
+    with np.errstate(invalid="ignore"):
+        smax = float(np.max(np.abs(factor)))
+    if not math.isfinite(smax):
+        return False
+    w_dt = weight.dtype
+    if smax <= 1.0 and w_dt in _NATIVE_FLOATS and w_dt.itemsize <= dt.itemsize:
+        return True  # |w*s| <= |w|, which a type of no wider range than ``dt`` holds
+    wmax = max(abs(float(np.max(weight))), abs(float(np.min(weight))))  # no temporaries
+    limit = float(np.finfo(dt).max) * (1 - 2.0**-10)  # margin for the rounding
+    return math.isfinite(wmax) and wmax * smax <= limit
+
+
+def _scaled(
+    weight: NDArray[np.generic], factor: F64, out_dtype: Any, lazy: bool = False
+) -> NDArray[Any] | Scaled:
     """``weight * factor`` computed in float64; rounded once to ``out_dtype`` if given.
 
     Rounding inside the multiply (numpy computes each product in float64 and casts it
     into the output) gives the same values as ``round_to(weight * factor, out_dtype)``
-    without materializing the float64 product: the common large-weight path.
+    without materializing the float64 product: the common large-weight path. With
+    ``lazy``, a product that cannot overflow is returned as a :class:`Scaled`.
     """
     dt = np.dtype(out_dtype) if out_dtype is not None else None
     if dt is None or dt not in _NATIVE_FLOATS:
         w64 = np.multiply(weight, factor, dtype=np.float64)
         return w64 if dt is None else round_to(w64, dt)
+    if lazy and _cannot_overflow(weight, factor, dt):
+        return Scaled(weight, factor, dt)
     out = np.empty(np.broadcast_shapes(weight.shape, factor.shape), dtype=dt)
     with np.errstate(over="ignore", invalid="ignore"):
         np.multiply(weight, factor, out=out, dtype=np.float64, casting="same_kind")
@@ -187,17 +273,19 @@ def fold_backward(
     aff: Affine,
     out_map: NDArray[np.int64],
     weight_dtype: Any = None,
-) -> tuple[NDArray[Any], F64]:
+    lazy: bool = False,
+) -> tuple[Any, F64]:
     """Fold ``aff`` applied to the layer's output into the layer.
 
     ``out_map`` is the :func:`channel_map` of the weight's output channels. Returns the
     new weight (same shape) and the new bias (one value per channel), computed in
     float64. The weight is returned in float64, or rounded once to ``weight_dtype`` when
-    given (raising :class:`OverflowError` like :func:`round_to`).
+    given (raising :class:`OverflowError` like :func:`round_to`); with ``lazy`` as a
+    :class:`Scaled` where it provably cannot overflow.
     """
     b = np.zeros(aff.channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (aff.channels,))
-    w = _scaled(weight, _gather(aff.scale, out_map), weight_dtype)
+    w = _scaled(weight, _gather(aff.scale, out_map), weight_dtype, lazy)
     return w, aff.scale * b + aff.shift
 
 
@@ -209,13 +297,15 @@ def fold_forward(
     out_map: NDArray[np.int64],
     out_channels: int,
     weight_dtype: Any = None,
-) -> tuple[NDArray[Any], F64]:
+    lazy: bool = False,
+) -> tuple[Any, F64]:
     """Fold ``aff`` applied to the layer's input into the layer (computed in float64).
 
     ``in_map``/``out_map`` give every weight element's input and output channel. The new
     bias is ``b[o] + sum(W[e] * shift[in(e)] for e with out(e) == o)``; exact only when the
     layer applies no zero padding to its input (the caller checks that). The weight is
-    float64, or rounded once to ``weight_dtype`` when given (see :func:`fold_backward`).
+    float64, or rounded once to ``weight_dtype`` when given, or :class:`Scaled` with
+    ``lazy`` (see :func:`fold_backward`).
     """
     b = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (out_channels,)).copy()
@@ -228,7 +318,7 @@ def fold_forward(
             contrib = contrib.sum(axis=axes, keepdims=True)
     full_out = np.broadcast_to(out_map, contrib.shape)
     b += np.bincount(full_out.ravel(), weights=contrib.ravel(), minlength=out_channels)
-    return _scaled(weight, _gather(aff.scale, in_map), weight_dtype), b
+    return _scaled(weight, _gather(aff.scale, in_map), weight_dtype, lazy), b
 
 
 def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
     "BenchResult",
+    "Deferred",
     "Fold",
     "FuseResult",
     "LatencyRow",
@@ -165,12 +167,47 @@ class _Encoder:
         return obj
 
 
+class Deferred:
+    """A value made by ``make()`` on first use, then kept."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make: Callable[[], Any] | None = make
+        self._value: Any = None
+
+    def get(self) -> Any:
+        """The value (made now if it was not yet)."""
+        if self._make is not None:
+            self._value = self._make()
+            self._make = None
+        return self._value
+
+
+class _ModelSlot:
+    """Descriptor for ``FuseResult.model``: a :class:`Deferred` stored there is resolved
+    on first read, so the fused ONNX model's weights are copied into its ModelProto only
+    when someone asks for the model (the CLI and ``output=`` never do)."""
+
+    _key = "_model_value"
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return None  # the dataclass default
+        value = obj.__dict__.get(self._key)
+        if isinstance(value, Deferred):
+            value = value.get()
+            obj.__dict__[self._key] = value
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._key] = None if value is self else value
+
+
 @dataclass(frozen=True)
 class FuseResult:
     """Everything one fusion run produced.
 
-    ``model`` is the fused model (an ``onnx.ModelProto`` or a ``keras.Model``); it is not
-    part of :meth:`to_dict`.
+    ``model`` is the fused model (an ``onnx.ModelProto`` or a ``keras.Model``), made on
+    first access; it is not part of :meth:`to_dict`.
     """
 
     backend: Literal["onnx", "keras"]
@@ -179,7 +216,9 @@ class FuseResult:
     refusals: tuple[Refusal, ...]
     before: ModelStats
     after: ModelStats
-    model: Any = field(default=None, repr=False, compare=False, metadata={"serialize": False})
+    model: Any = field(
+        default=_ModelSlot(), repr=False, compare=False, metadata={"serialize": False}
+    )
     output_path: str | None = None
     written: bool = False
     dry_run: bool = False

@@ -132,7 +132,8 @@ def test_external_data_in_constants_and_subgraphs(tmp_path: Path) -> None:
         sum(t.data_location == onnx.TensorProto.EXTERNAL for t in external.iter_tensors(header))
         == 2
     )
-    loaded = OnnxBackend().load(tmp_path / "c.onnx")
+    be = OnnxBackend()
+    loaded = be.complete(be.load(tmp_path / "c.onnx"))
     assert not external.uses_external_data(loaded)
     assert loaded == m
 
@@ -218,8 +219,8 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_output(
     (tmp_path / "f.onnx").write_bytes(b"old")
     real = external.write_model
 
-    def broken(model, path, data_path, location, limit=external.INLINE_LIMIT):  # type: ignore[no-untyped-def]
-        real(model, path, data_path, location, limit)
+    def broken(model, path, data_path, location, **kw):  # type: ignore[no-untyped-def]
+        real(model, path, data_path, location, **kw)
         raise KeyboardInterrupt  # interrupted after both files were written
 
     monkeypatch.setattr(external, "write_model", broken)
@@ -240,8 +241,8 @@ def test_large_model_path_with_a_lowered_threshold(
     made: list[object] = []
     real_session = onnx_backend._session_source
 
-    def spy(model, source):  # type: ignore[no-untyped-def]
-        data, tmp = real_session(model, source)
+    def spy(model):  # type: ignore[no-untyped-def]
+        data, tmp = real_session(model)
         made.append(data)
         return data, tmp
 
@@ -272,7 +273,7 @@ def test_loaded_external_model_runs_from_its_own_path(
     assert runner.loaded_from_path
     fused = be.fuse(model, FuseOptions()).model
     assert be.runner(fused).loaded_from_path
-    feeds = random_feeds(model)
+    feeds = random_feeds(model.proto)
     a, b = runner.run(feeds), be.runner(fused).run(feeds)
     np.testing.assert_allclose(b[0], a[0], rtol=1e-4, atol=1e-4)
 
@@ -282,7 +283,8 @@ def test_write_model_does_not_modify_the_model(tmp_path: Path) -> None:
     before = m.SerializeToString()
     external.write_model(m, tmp_path / "a.onnx", tmp_path / "a.bin", "a.bin")
     assert m.SerializeToString() == before
-    loaded = OnnxBackend().load(tmp_path / "a.onnx")
+    be = OnnxBackend()
+    loaded = be.complete(be.load(tmp_path / "a.onnx"))
     assert loaded.graph == m.graph
 
 

@@ -45,7 +45,7 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, sig: signal.Signals) -
 
         def slow_save(self, model, path):
             with atomic_path(path) as tmp:
-                tmp.write_bytes(model.SerializeToString()[:100])  # a partial file
+                tmp.write_bytes(model.proto.SerializeToString()[:100])  # a partial file
                 print("WRITING", flush=True)
                 time.sleep(60)
 

@@ -60,3 +60,7 @@ class KerasBackend:
     def save(self, model: Any, path: Path) -> None:
         """Write ``.keras`` / ``.h5`` atomically, or ``.onnx`` via Keras's exporter."""
         self.save_notes = _io.save_model(model, Path(path))
+
+    def complete(self, model: Any) -> Any:
+        """``model`` itself: Keras models are complete objects."""
+        return model

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfuse.errors import ModelLoadError, UnsupportedModelError
+from bnfuse.onnx.payloads import Payloads, is_placeholder
 
 __all__ = [
     "INLINE_LIMIT",
@@ -93,8 +94,9 @@ _RAW_TYPES = frozenset(
 # ---- walking ------------------------------------------------------------------------
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
+def _graph_tensors(graph: onnx.GraphProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    if initializers:
+        yield from graph.initializer
     for sp in graph.sparse_initializer:
         yield sp.values
         yield sp.indices
@@ -118,9 +120,12 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[onnx.TensorProto]:
                 yield from _graph_tensors(sub)
 
 
-def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of a model: initializers, attribute tensors, subgraphs, functions."""
-    yield from _graph_tensors(model.graph)
+def iter_tensors(
+    model: onnx.ModelProto, main_initializers: bool = True
+) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a model: initializers, attribute tensors, subgraphs, functions
+    (without the main graph's initializers when ``main_initializers`` is false)."""
+    yield from _graph_tensors(model.graph, main_initializers)
     for f in model.functions:
         for node in f.node:
             yield from _node_tensors(node)
@@ -128,7 +133,12 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 def uses_external_data(model: onnx.ModelProto) -> bool:
     """True when some tensor's payload lives in an external file (not loaded)."""
-    return any(t.data_location == _EXTERNAL for t in iter_tensors(model))
+    return any(is_external(t) for t in iter_tensors(model))
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    """True when a tensor's payload is in an external file (not a bnfuse placeholder)."""
+    return t.data_location == _EXTERNAL and not is_placeholder(t)
 
 
 def _info(t: onnx.TensorProto) -> dict[str, str]:
@@ -139,7 +149,7 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
     """The distinct external data locations a model refers to, in first-use order."""
     seen: dict[str, None] = {}
     for t in iter_tensors(model):
-        if t.data_location == _EXTERNAL:
+        if is_external(t):
             seen.setdefault(_info(t).get("location", ""), None)
     return list(seen)
 
@@ -286,7 +296,7 @@ def check_locations(model: onnx.ModelProto, source: Path) -> dict[str, int]:
     base = os.path.realpath(Path(source).parent)
     files: dict[str, int] = {}
     for t in iter_tensors(model):
-        if t.data_location != _EXTERNAL:
+        if not is_external(t):
             continue
         info = _info(t)
         location = info.get("location", "")
@@ -320,7 +330,7 @@ def load_external(model: onnx.ModelProto, source: Path) -> list[str]:
     handles: dict[str, Any] = {}
     try:
         for t in iter_tensors(model):
-            if t.data_location != _EXTERNAL:
+            if not is_external(t):
                 continue
             info = _info(t)
             full = _resolve(info.get("location", ""), base, t, source)
@@ -413,7 +423,7 @@ def _elements(t: onnx.TensorProto) -> int:
 
 def payload_bytes(t: onnx.TensorProto) -> int:
     """Size of a tensor's payload in bytes (estimated from dims and type)."""
-    if t.data_location == _EXTERNAL:
+    if is_external(t):
         length = _info(t).get("length")
         return int(length) if length and length.isdigit() else INLINE_LIMIT
     if t.data_type == onnx.TensorProto.STRING:
@@ -458,75 +468,72 @@ def skeleton(model: onnx.ModelProto, limit: int = INLINE_LIMIT) -> onnx.ModelPro
 
 # ---- lazy copies: the fused model shares nothing, yet duplicates no weight ------------
 
-LAZY_LOCATION = "bnfuse-lazy"
-
 
 def lazy_copy(
-    model: onnx.ModelProto, limit: int = INLINE_LIMIT
-) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    model: onnx.ModelProto, payloads: Payloads | None = None, limit: int = INLINE_LIMIT
+) -> tuple[onnx.ModelProto, Payloads]:
     """A copy of ``model`` whose large tensors are placeholders for the originals.
 
-    A placeholder keeps the tensor's name, type and dims and refers to ``sources[i]`` (the
-    original tensor). Reading it goes through :func:`lazy_source`; overwriting it (a fold
-    writes a new weight) drops the reference; :func:`materialize` copies the data of the
-    placeholders left over. The copy then holds each weight once, whichever was changed:
-    with protobuf's arena allocation, copying everything first and overwriting the folded
-    weights afterwards would hold them twice in the copy.
+    A placeholder (see :mod:`bnfuse.onnx.payloads`) keeps the tensor's name, type and
+    dims and refers to the original tensor. Reading it goes through the returned store;
+    overwriting it (a fold writes a new weight) drops the reference; materializing copies
+    the data of the placeholders left over. The copy then holds each weight once,
+    whichever was changed: with protobuf's arena allocation, copying everything first and
+    overwriting the folded weights afterwards would hold them twice in the copy.
+
+    ``payloads`` is the store of placeholders ``model`` already has (a model loaded by
+    :func:`bnfuse.onnx.wire.split`); the copy shares those and gets a branch of it.
     """
-    sources: list[onnx.TensorProto] = []
+    store = payloads.branch() if payloads is not None else Payloads()
 
     def hook(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
         if src.data_location == _EXTERNAL or payload_bytes(src) < limit:
-            dst.CopyFrom(src)
+            dst.CopyFrom(src)  # small, external, or already a placeholder of ``store``
             return
         _copy_meta(src, dst)
-        dst.data_location = _EXTERNAL
-        for key, value in (("location", LAZY_LOCATION), ("offset", str(len(sources)))):
-            entry = dst.external_data.add()
-            entry.key = key
-            entry.value = value
-        sources.append(src)
+        store.mark(dst, store.add(src))
 
     out = onnx.ModelProto()
     _copy(model, out, hook)
-    return out, sources
+    return out, store
 
 
-def lazy_source(t: onnx.TensorProto, sources: list[onnx.TensorProto]) -> onnx.TensorProto | None:
-    """The original tensor a :func:`lazy_copy` placeholder stands for, or None."""
-    if t.data_location != _EXTERNAL or not sources:
-        return None
-    info = _info(t)
-    if info.get("location") != LAZY_LOCATION:
-        return None
-    return sources[int(info["offset"])]
-
-
-def materialize(model: onnx.ModelProto, sources: list[onnx.TensorProto]) -> None:
-    """Fill every placeholder left in ``model`` with its original tensor's data."""
-    if not sources:
-        return
-    for t in iter_tensors(model):
-        src = lazy_source(t, sources)
-        if src is not None:
-            t.CopyFrom(src)
+def materialize(model: onnx.ModelProto, payloads: Payloads | None) -> None:
+    """Fill every placeholder left in ``model`` with its data."""
+    if payloads is not None and len(payloads):
+        payloads.materialize(iter_tensors(model))
 
 
 # ---- writing ------------------------------------------------------------------------
 
 
 def write_model(
-    model: onnx.ModelProto, path: Path, data_path: Path, location: str, limit: int = INLINE_LIMIT
+    model: onnx.ModelProto,
+    path: Path,
+    data_path: Path,
+    location: str,
+    limit: int = INLINE_LIMIT,
+    payloads: Payloads | None = None,
 ) -> None:
     """Write ``model`` as a header at ``path`` and its large tensors to ``data_path``.
 
     The header refers to the data as ``location`` (relative to the header's directory).
-    ``model`` itself is not modified; tensors are copied out one at a time.
+    ``model`` itself is not modified; tensors are copied out one at a time, placeholders
+    straight from ``payloads``.
     """
     with open(data_path, "wb") as f:
 
         def hook(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
-            if src.data_location == _EXTERNAL:
+            if payloads is not None and is_placeholder(src):
+                found = payloads.pieces(src, reuse=True)
+                if found is None:  # no raw form (a lazy copy of strings): write it whole
+                    dst.CopyFrom(src)
+                    payloads.fill(dst)
+                    return
+                _copy_meta(src, dst)
+                _to_data_file(dst, f, found[0], found[1], location)
+                return
+            if is_external(src) or is_placeholder(src):
                 raise UnsupportedModelError(
                     f"tensor {src.name!r} refers to external data that was never loaded"
                 )
@@ -535,16 +542,7 @@ def write_model(
                 dst.CopyFrom(src)
                 return
             _copy_meta(src, dst)
-            pad = -f.tell() % _ALIGN
-            if pad:
-                f.write(b"\0" * pad)
-            offset = f.tell()
-            f.write(data)
-            dst.data_location = _EXTERNAL
-            for key, value in (("location", location), ("offset", offset), ("length", len(data))):
-                entry = dst.external_data.add()
-                entry.key = key
-                entry.value = str(value)
+            _to_data_file(dst, f, len(data), (data,), location)
 
         header = onnx.ModelProto()
         _copy(model, header, hook)
@@ -556,12 +554,35 @@ def write_model(
         os.fsync(h.fileno())
 
 
+def _to_data_file(
+    dst: onnx.TensorProto,
+    f: Any,
+    size: int,
+    pieces: Iterable[bytes | memoryview],
+    location: str,
+) -> None:
+    """Append a payload to the data file ``f`` (aligned) and point ``dst`` at it."""
+    pad = -f.tell() % _ALIGN
+    if pad:
+        f.write(b"\0" * pad)
+    offset = f.tell()
+    for piece in pieces:
+        f.write(piece)
+    dst.data_location = _EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", size)):
+        entry = dst.external_data.add()
+        entry.key = key
+        entry.value = str(value)
+
+
 def data_name(dest: Path) -> str:
     """The external data file name written beside ``dest``: ``<output name>.data``."""
     return f"{Path(dest).name}.data"
 
 
-def save_with_external_data(model: onnx.ModelProto, dest: Path) -> Path:
+def save_with_external_data(
+    model: onnx.ModelProto, dest: Path, payloads: Payloads | None = None
+) -> Path:
     """Write ``model`` to ``dest`` plus ``<dest name>.data`` beside it, atomically.
 
     Both files are written under temporary names in the destination directory and only
@@ -580,7 +601,7 @@ def save_with_external_data(model: onnx.ModelProto, dest: Path) -> Path:
             os.close(fd)
             tmps.append(Path(tmp))
         tmp_data, tmp_header = tmps
-        write_model(model, tmp_header, tmp_data, data_dest.name)
+        write_model(model, tmp_header, tmp_data, data_dest.name, payloads=payloads)
         os.replace(tmp_data, data_dest)
         os.replace(tmp_header, dest)
     except BaseException:

@@ -17,6 +17,7 @@ from bnfuse.onnx.graph import (
     node_label,
     outer_names_used,
 )
+from bnfuse.onnx.payloads import Payloads
 from bnfuse.onnx.rules import (
     BACKWARD_RULES,
     FORWARD_RULES,
@@ -107,29 +108,44 @@ def shape_map(model: onnx.ModelProto) -> ShapeDict:
     return shape_tree(model).values
 
 
-def fuse_model(model: onnx.ModelProto, options: FuseOptions) -> PassResult:
+def fuse_model(
+    model: onnx.ModelProto,
+    options: FuseOptions,
+    payloads: Payloads | None = None,
+    *,
+    keep_placeholders: bool = False,
+) -> tuple[PassResult, Payloads]:
     """Fold normalizations in a copy of ``model``; the argument is not modified (unless
     ``options.in_place``).
 
     Folds inside the main graph, every subgraph (If branches, Loop/Scan bodies, nested)
-    and every model-local function body.
+    and every model-local function body. ``payloads`` holds the data of ``model``'s
+    placeholder tensors, if it has any. Returns the result and the store of the fused
+    model's placeholders: with ``keep_placeholders`` its large main-graph weights stay
+    there (:mod:`bnfuse.onnx.serialize` writes them from it), else every placeholder is
+    filled and the model is complete.
     """
-    from bnfuse.onnx.external import lazy_copy, materialize
+    from bnfuse.onnx.external import iter_tensors, lazy_copy, materialize
 
-    lazy: list[onnx.TensorProto] = []
     if options.in_place:  # the caller will not use ``model`` again
         fused = model
+        store = payloads if payloads is not None else Payloads()
     else:
-        fused, lazy = lazy_copy(model)  # weights are read from ``model`` until written
+        fused, store = lazy_copy(model, payloads)  # weights are read from ``model`` until written
     opset = _opset(fused.opset_import, 0)
     names = NameSource(fused)
     result = PassResult(model=fused)
     shapes = shape_tree(fused)
-    fuse_graph(fused.graph, names, options, opset, shapes, result, outer=None, scope="", lazy=lazy)
+    fuse_graph(
+        fused.graph, names, options, opset, shapes, result, outer=None, scope="", payloads=store
+    )
     for f in fused.functions:
-        _fuse_function(f, names, options, _opset(f.opset_import, opset), result, lazy)
-    materialize(fused, lazy)
-    return result
+        _fuse_function(f, names, options, _opset(f.opset_import, opset), result, store)
+    if not keep_placeholders:
+        materialize(fused, store)
+    else:  # only main-graph initializers may stay placeholders (what the writer streams)
+        store.materialize(iter_tensors(fused, main_initializers=False))
+    return result, store
 
 
 def _opset(imports: Iterable[onnx.OperatorSetIdProto], default: int) -> int:
@@ -142,7 +158,7 @@ def _fuse_function(
     options: FuseOptions,
     opset: int,
     result: PassResult,
-    lazy: list[onnx.TensorProto],
+    payloads: Payloads,
 ) -> None:
     """Fold inside a function body: its weights are Constant nodes (inputs are not constants)."""
     body = onnx.GraphProto(name=f.name)
@@ -152,7 +168,16 @@ def _fuse_function(
     scope = f"function {f.domain}.{f.name}" if f.domain else f"function {f.name}"
     before = len(result.folds)
     fuse_graph(
-        body, names, options, opset, ShapeTree(), result, None, scope, function=True, lazy=lazy
+        body,
+        names,
+        options,
+        opset,
+        ShapeTree(),
+        result,
+        None,
+        scope,
+        function=True,
+        payloads=payloads,
     )
     if len(result.folds) != before:
         if body.initializer:
@@ -188,7 +213,9 @@ def _fuse_subgraphs(
                 used_outside = outer_names_used(sub)
                 child = tree.children.get((i, a.name, j or 0), ShapeTree())
                 sub_scope = _sub_scope(scope, node, a.name, j)
-                fuse_graph(sub, names, options, opset, child, result, g, sub_scope)
+                fuse_graph(
+                    sub, names, options, opset, child, result, g, sub_scope, payloads=g.payloads
+                )
                 # outer weights the subgraph no longer reads (it folded into copies)
                 h: Graph | None = g
                 while h is not None:
@@ -207,7 +234,7 @@ def fuse_graph(
     scope: str,
     *,
     function: bool = False,
-    lazy: list[onnx.TensorProto] | None = None,
+    payloads: Payloads | None = None,
 ) -> None:
     """Fold inside one graph until nothing changes; refusals are those of the final state.
 
@@ -226,7 +253,7 @@ def fuse_graph(
         outer,
         tree.values,
         function=function,
-        lazy=lazy if lazy is not None else [],
+        payloads=payloads,
     )
     _fuse_subgraphs(g, names, options, opset, tree, result, scope)
     finders = [

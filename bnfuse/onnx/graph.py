@@ -11,8 +11,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfuse.fold import round_to
-from bnfuse.onnx.external import DATA_FIELDS
+from bnfuse.fold import Scaled, round_to
+from bnfuse.onnx.external import DATA_FIELDS, INLINE_LIMIT
+from bnfuse.onnx.payloads import Payloads, is_placeholder
 
 __all__ = [
     "Graph",
@@ -121,8 +122,9 @@ class Graph:
     shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
     #: True for a function body: no initializers, new constants become Constant nodes.
     function: bool = False
-    #: originals of the placeholder tensors of a lazy copy (see ``external.lazy_copy``)
-    lazy: list[onnx.TensorProto] = field(default_factory=list)
+    #: the data of placeholder tensors (see :mod:`bnfuse.onnx.payloads`), shared by the
+    #: main graph and its subgraphs; the main graph's large new weights are stored there
+    payloads: Payloads | None = None
     producer: dict[str, onnx.NodeProto] = field(init=False)
     consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
     inits: dict[str, onnx.TensorProto] = field(init=False)
@@ -311,10 +313,15 @@ class Graph:
         return None
 
     def _to_array(self, t: onnx.TensorProto) -> np.ndarray:
-        g: Graph | None = self
-        while g is not None and not g.lazy:
-            g = g.outer
-        return _to_array(t, g.lazy if g is not None else [])
+        if self.payloads is not None and is_placeholder(t):
+            src = self.payloads.entry(t)
+            if isinstance(src, onnx.TensorProto):  # a lazy copy's original
+                return _to_array(src)
+            try:
+                return self.payloads.array(t)
+            except ValueError as exc:
+                raise MalformedNodeError(str(exc)) from None
+        return _to_array(t)
 
     def _dims(self, name: str) -> tuple[int, ...]:
         if name in self.inits:
@@ -326,7 +333,7 @@ class Graph:
         self,
         node: onnx.NodeProto,
         slot: int,
-        value64: np.ndarray,
+        value64: np.ndarray | Scaled,
         like: str | None,
         base: str,
     ) -> None:
@@ -339,13 +346,17 @@ class Graph:
         Raises OverflowError when the rounded value overflows the type.
         """
         dtype_id = self.const_dtype(like) if like else onnx.TensorProto.FLOAT
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype_id)
-        arr = round_to(value64, np_dtype)
+        np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype_id))
+        arr: np.ndarray | Scaled
+        if isinstance(value64, Scaled) and value64.dtype == np_dtype:
+            arr = value64  # computed when written (see bnfuse.fold.Scaled)
+        else:
+            arr = round_to(np.asarray(value64), np_dtype)
         old = node.input[slot] if slot < len(node.input) else ""
         if old and self._exclusively_used(old, node, slot):
             if old in self.inits:
                 self._recent.pop(old, None)
-                set_tensor(self.inits[old], arr, dtype_id)
+                self._store(self.inits[old], arr, dtype_id)
                 return
             prod = self.producer.get(old)
             value = _value_attr(prod) if prod is not None and prod.op_type == "Constant" else None
@@ -362,7 +373,7 @@ class Graph:
         dtype_id = self.const_dtype(like) if like else onnx.TensorProto.FLOAT
         return round_to(np.asarray(value64), onnx.helper.tensor_dtype_to_np_dtype(dtype_id))
 
-    def add_const(self, arr: np.ndarray, base: str, dtype_id: int | None = None) -> str:
+    def add_const(self, arr: np.ndarray | Scaled, base: str, dtype_id: int | None = None) -> str:
         """Store a new constant under a fresh name (an initializer, or in a function
         body a ``Constant`` node placed first); return the name."""
         name = self.names.new(base)
@@ -382,9 +393,18 @@ class Graph:
         else:
             t = self.g.initializer.add()
             t.name = name
-            set_tensor(t, arr, dtype_id)
+            self._store(t, arr, dtype_id)
             self.inits[name] = t
         return name
+
+    def _store(self, t: onnx.TensorProto, arr: np.ndarray | Scaled, dtype_id: int) -> None:
+        """Write a new value into initializer ``t``: a large one of the main graph into
+        the payload store (the writer copies it to disk from there), else into ``t``."""
+        main = self.outer is None and not self.function
+        if self.payloads is not None and main and arr.nbytes >= INLINE_LIMIT:
+            self.payloads.assign(t, arr, dtype_id)
+        else:
+            set_tensor(t, arr, dtype_id)
 
     def _exclusively_used(self, name: str, node: onnx.NodeProto, slot: int) -> bool:
         if name in self.input_names or name in self.output_names:
@@ -538,10 +558,7 @@ _RAW_DTYPES: dict[int, np.dtype[Any]] = {
 }
 
 
-def _to_array(t: onnx.TensorProto, lazy: list[onnx.TensorProto]) -> np.ndarray:
-    from bnfuse.onnx.external import lazy_source
-
-    t = lazy_source(t, lazy) or t
+def _to_array(t: onnx.TensorProto) -> np.ndarray:
     fast = _RAW_DTYPES.get(t.data_type)
     if fast is not None and t.HasField("raw_data") and t.data_location != _EXTERNAL:
         # the common case, without numpy_helper's extra copy: a read-only view of the
@@ -584,7 +601,7 @@ _RANK_KEEPING = frozenset(
 )
 
 
-def set_tensor(t: onnx.TensorProto, arr: np.ndarray, dtype_id: int) -> None:
+def set_tensor(t: onnx.TensorProto, arr: np.ndarray | Scaled, dtype_id: int) -> None:
     """Overwrite a tensor's data (and dims/type) with ``arr``, in place.
 
     Written as ``raw_data`` directly: going through ``numpy_helper.from_array`` and

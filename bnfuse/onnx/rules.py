@@ -315,7 +315,7 @@ class _ConvLikeBN(BackwardRule):
         groups = _conv_groups(p)
         aff = _affine_n(m.norm, self.out_channels(w, groups))
         w2, b2 = fold_backward(
-            w, _bias(g, p, 2), aff, self.out_map(w, groups), weight_dtype=w.dtype
+            w, _bias(g, p, 2), aff, self.out_map(w, groups), weight_dtype=w.dtype, lazy=True
         )
         like = p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1]
         b2 = g.rounded(b2, like)  # every value rounded (overflow checked) before any write
@@ -388,7 +388,9 @@ class GemmBN(BackwardRule):
         n = b.shape[0] if trans_b else b.shape[1]
         aff = _affine_n(m.norm, n)
         out_axis = 0 if trans_b else 1
-        w2, _ = fold_backward(b, None, aff, channel_map(b.shape, (out_axis,)), weight_dtype=b.dtype)
+        w2, _ = fold_backward(
+            b, None, aff, channel_map(b.shape, (out_axis,)), weight_dtype=b.dtype, lazy=True
+        )
         beta = float(attr(p, "beta", 1.0))
         c = _bias(g, p, 2)
         c2 = aff.shift if c is None else beta * c * aff.scale + aff.shift
@@ -504,7 +506,9 @@ class MatMulBN(BackwardRule):
         bias = None
         if m.add is not None:
             bias = np.broadcast_to(g.const(self._bias_name(m)).astype(np.float64).reshape(-1), (n,))
-        w2, b2 = fold_backward(w, bias, aff, channel_map(w.shape, (1,)), weight_dtype=w.dtype)
+        w2, b2 = fold_backward(
+            w, bias, aff, channel_map(w.shape, (1,)), weight_dtype=w.dtype, lazy=True
+        )
         # every value rounded (overflow checked) before any write
         name = self._bias_name(m) if m.add is not None else p.input[1]
         b2 = g.rounded(b2, name)
@@ -615,7 +619,9 @@ class BNConv(ForwardRule):
             aff = _affine_n(norm, w.shape[0])
             in_map = _transpose_in_map(w.shape, groups)
             out_map = _transpose_out_map(w.shape, groups)
-        w2, b2 = fold_forward(w, _bias(g, c, 2), aff, in_map, out_map, cout, weight_dtype=w.dtype)
+        w2, b2 = fold_forward(
+            w, _bias(g, c, 2), aff, in_map, out_map, cout, weight_dtype=w.dtype, lazy=True
+        )
         has_bias = len(c.input) > 2 and bool(c.input[2])
         like = c.input[2] if has_bias else c.input[1]
         b2 = g.rounded(b2, like)  # every value rounded (overflow checked) before any write
@@ -746,6 +752,7 @@ class BNGemm(ForwardRule):
             channel_map(w.shape, (out_axis,)),
             n,
             weight_dtype=w.dtype,
+            lazy=True,
         )
         # plan the bias, every value rounded (overflow checked) before anything is written
         write_bias: Callable[[], None] | None = None

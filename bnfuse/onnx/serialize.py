@@ -12,34 +12,32 @@ repeated field's elements are simply concatenated. So a model is written as
         tag(initializer) varint(len) <TensorProto>     (one per initializer, in order)
 
 which parses to exactly the same message (tested: re-serializing gives the same bytes
-as ``SerializeToString``). A message carrying fields this protobuf schema does not know
-(unknown fields) is serialized the ordinary way, so nothing is dropped.
+as ``SerializeToString``). A placeholder initializer (:mod:`bnfuse.onnx.payloads`) is
+written as the tensor it stands for, its payload taken straight from the store: a view of
+the bytes the input file was read into, or of the array a fold computed - never copied
+into a ``bytes`` object first. A message carrying fields this protobuf schema does not
+know (unknown fields) is serialized the ordinary way, so nothing is dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from bnfuse.onnx.payloads import Payloads, is_placeholder
+from bnfuse.onnx.wire import fields, tag, varint
+
 __all__ = ["chunks", "to_bytes", "write"]
 
-_GRAPH_TAG = b"\x3a"  # ModelProto.graph: field 7, wire type 2
-_INITIALIZER_TAG = b"\x2a"  # GraphProto.initializer: field 5, wire type 2
+_GRAPH_TAG = tag(7, 2)  # ModelProto.graph
+_INITIALIZER_TAG = tag(5, 2)  # GraphProto.initializer
+_RAW_DATA = 9  # TensorProto.raw_data
+_RAW_TAG = tag(_RAW_DATA, 2)
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+Chunk = bytes | memoryview
 
 
 def _has_unknown_fields(msg: Any) -> bool:
@@ -63,35 +61,90 @@ def _copy_except(src: Any, dst: Any, skip: str) -> None:
             setattr(dst, fd.name, value)
 
 
-def chunks(model: onnx.ModelProto) -> list[bytes]:
-    """The serialized model as a list of byte strings whose concatenation parses to
-    ``model`` (see the module docstring)."""
-    if not model.HasField("graph") or _has_unknown_fields(model):
-        return [model.SerializeToString()]
+def _placeholder(
+    t: onnx.TensorProto, payloads: Payloads, reuse: bool
+) -> tuple[bytes, int, Iterable[Chunk], bytes]:
+    """The serialized tensor placeholder ``t`` stands for, as ``(head, payload size,
+    payload pieces, tail)``: its metadata with the payload spliced in where
+    ``SerializeToString`` would put ``raw_data`` (so the field order, and the bytes, are
+    the same)."""
+    meta = onnx.TensorProto()
+    meta.CopyFrom(t)  # a placeholder holds metadata only: a small copy
+    found = payloads.pieces(t, reuse)
+    if found is None:  # no raw form (a lazy copy of strings): the whole tensor
+        payloads.fill(meta)
+        return meta.SerializeToString(), 0, (), b""
+    size, pieces = found
+    meta.ClearField("external_data")
+    meta.ClearField("data_location")
+    enc = meta.SerializeToString()
+    cut = next((f0 for n, _, f0, _, _ in fields(enc, 0, len(enc)) if n > _RAW_DATA), len(enc))
+    return enc[:cut] + _RAW_TAG + varint(size), size, pieces, enc[cut:]
+
+
+def chunks(
+    model: onnx.ModelProto, payloads: Payloads | None = None, reuse: bool = False
+) -> Iterator[Chunk]:
+    """The serialized model as consecutive byte strings (or views) whose concatenation
+    parses to ``model``, its placeholders filled from ``payloads`` (see the module
+    docstring). With ``reuse``, pieces of a computed weight share one buffer: consume
+    each before taking the next (as a file write does)."""
+    if payloads is not None:
+        _fill_nested(model, payloads)
+    if (
+        not model.HasField("graph")
+        or _has_unknown_fields(model)
+        or _has_unknown_fields(model.graph)
+    ):
+        if payloads is not None:
+            payloads.materialize(model.graph.initializer)
+        yield model.SerializeToString()
+        return
     graph = model.graph
-    if _has_unknown_fields(graph):
-        return [model.SerializeToString()]
     head = onnx.ModelProto()
     _copy_except(model, head, "graph")
     light = onnx.GraphProto()
     _copy_except(graph, light, "initializer")
-    body: list[bytes] = [light.SerializeToString()]
+    light_bytes = light.SerializeToString()
+    # every length first (the graph's comes before its contents), payloads afterwards
+    body: list[tuple[bytes, Iterable[Chunk], bytes]] = []
+    graph_size = len(light_bytes)
     for tensor in graph.initializer:
-        data = tensor.SerializeToString()
-        body.append(_INITIALIZER_TAG + _varint(len(data)))
-        body.append(data)
-    size = sum(len(c) for c in body)
-    return [head.SerializeToString(), _GRAPH_TAG + _varint(size), *body]
+        if payloads is not None and is_placeholder(tensor):
+            pre, size, data, post = _placeholder(tensor, payloads, reuse)
+        else:
+            pre, size, data, post = tensor.SerializeToString(), 0, (), b""
+        tensor_size = len(pre) + size + len(post)
+        pre = _INITIALIZER_TAG + varint(tensor_size) + pre
+        graph_size += len(pre) + size + len(post)
+        body.append((pre, data, post))
+    yield head.SerializeToString()
+    yield _GRAPH_TAG + varint(graph_size)
+    yield light_bytes
+    for pre, data, post in body:
+        yield pre
+        yield from data
+        if post:
+            yield post
 
 
-def to_bytes(model: onnx.ModelProto) -> bytes:
-    """``model.SerializeToString()``, faster for models with large initializers."""
-    parts = chunks(model)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+def _fill_nested(model: onnx.ModelProto, payloads: Payloads) -> None:
+    """Placeholders are written from the store only as main-graph initializers: fill any
+    elsewhere (subgraphs, Constant nodes, functions) into the model first."""
+    from bnfuse.onnx.external import iter_tensors
+
+    payloads.materialize(iter_tensors(model, main_initializers=False))
 
 
-def write(model: onnx.ModelProto, path: str | Path) -> None:
-    """Serialize ``model`` into the file ``path`` (created or truncated)."""
-    parts: Iterable[bytes] = chunks(model)
+def to_bytes(model: onnx.ModelProto, payloads: Payloads | None = None) -> bytes:
+    """``model.SerializeToString()`` with its placeholders filled from ``payloads``,
+    faster for models with large initializers."""
+    return b"".join(chunks(model, payloads))
+
+
+def write(model: onnx.ModelProto, path: str | Path, payloads: Payloads | None = None) -> None:
+    """Serialize ``model`` (placeholders filled from ``payloads``) into the file ``path``
+    (created or truncated), one piece at a time."""
     with open(path, "wb") as f:
-        f.writelines(parts)
+        for piece in chunks(model, payloads, reuse=True):
+            f.write(piece)
