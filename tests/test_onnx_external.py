@@ -371,3 +371,41 @@ def test_fold_holds_about_one_extra_copy_of_the_weights(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip()) < 1.6
+
+
+def test_external_weights_are_mapped_not_read(tmp_path: Path) -> None:
+    # main-graph weights in a data file become placeholders for spans of a read-only
+    # memory map of it: nothing is copied at load, folds read views, the writer streams
+    import mmap
+
+    from bnfuse.onnx.payloads import Span, is_placeholder
+
+    m = small_model(seed=7)
+    save_external(m, tmp_path / "m.onnx")
+    data_before = (tmp_path / "m.onnx.data").read_bytes()
+    be = OnnxBackend()
+    loaded = be.load(tmp_path / "m.onnx")
+    assert loaded.payloads is not None
+    inits = list(loaded.proto.graph.initializer)
+    assert inits and all(is_placeholder(t) for t in inits)
+    entries = [loaded.payloads.entry(t) for t in inits]
+    assert all(isinstance(e, Span) and isinstance(e.buf, mmap.mmap) for e in entries)
+    res = bnfuse.fuse(tmp_path / "m.onnx", tmp_path / "f.onnx")
+    assert res.validation is not None and res.validation.passed and len(res.folds) == 3
+    assert (tmp_path / "m.onnx.data").read_bytes() == data_before
+    assert external_locations(tmp_path / "f.onnx") == {"f.onnx.data"}
+    assert_close(m, onnx.load(str(tmp_path / "f.onnx")))
+    assert be.complete(loaded) == m  # filled from the map: the original model
+
+
+def test_external_weight_of_the_wrong_length_is_rejected(tmp_path: Path) -> None:
+    m = small_model(seed=8)
+    save_external(m, tmp_path / "m.onnx")
+    header = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    w = next(t for t in header.graph.initializer if len(t.dims) == 4)
+    for e in w.external_data:
+        if e.key == "length":
+            e.value = str(int(e.value) - 4)
+    onnx.save(header, str(tmp_path / "m.onnx"))
+    with pytest.raises(ModelLoadError, match=rf"damaged ONNX model \(tensor '{w.name}' holds"):
+        OnnxBackend().load(tmp_path / "m.onnx")

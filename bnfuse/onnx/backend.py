@@ -294,24 +294,22 @@ class OnnxBackend:
             ) from None
         del data  # the payload store keeps what it needs
         self._check_model(model, path)
-        reason = _placeholder_reason(model, payloads) if payloads is not None else None
-        if reason:
-            raise ModelLoadError(f"{path}: damaged ONNX model ({reason})")
+        store = payloads if payloads is not None else Payloads()
         try:
-            files = external.load_external(model, path)
+            files = external.load_external(model, path, store)
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(
                 f"{path}: cannot read external data ({first_line(exc, 200)})"
             ) from None
-        reason = external.check_payloads(model)
+        reason = _placeholder_reason(model, store) or external.check_payloads(model)
         if reason:
             raise ModelLoadError(f"{path}: damaged ONNX model ({reason})")
         if files:
             self._loaded.append((path, files))
             self._data_files[path.resolve()] = [Path(f) for f in files]
-        return OnnxModel(model, payloads, path)
+        return OnnxModel(model, store if len(store) else None, path)
 
     def _check_model(self, model: onnx.ModelProto, path: Path | None) -> None:
         where = f"{path}: " if path else ""

@@ -18,6 +18,7 @@ So a fold holds about two copies of the weights (the original and the fused mode
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfuse.errors import ModelLoadError, UnsupportedModelError
-from bnfuse.onnx.payloads import Payloads, is_placeholder
+from bnfuse.onnx.payloads import Payloads, Span, is_placeholder, raw_dtype
 
 __all__ = [
     "INLINE_LIMIT",
@@ -318,18 +319,30 @@ def check_locations(model: onnx.ModelProto, source: Path) -> dict[str, int]:
     return files
 
 
-def load_external(model: onnx.ModelProto, source: Path) -> list[str]:
-    """Check (see :func:`check_locations`), then read every external tensor into memory.
+def load_external(
+    model: onnx.ModelProto, source: Path, payloads: Payloads | None = None
+) -> list[str]:
+    """Check (see :func:`check_locations`), then load every external tensor.
 
-    Returns the real paths of the data files that were read.
+    With ``payloads``, a main-graph initializer of a plain numeric type becomes a
+    placeholder for its bytes in a read-only memory map of the data file (nothing is read
+    now; folds read it as a numpy view, the writer streams it); every other external
+    tensor is read into memory. Returns the real paths of the data files.
     """
     files = check_locations(model, source)
     if not files:
         return []
     base = os.path.realpath(Path(source).parent)
     handles: dict[str, Any] = {}
+    maps: dict[str, mmap.mmap | None] = {}
+    inits = list(model.graph.initializer)  # alive while ``mapped`` holds their ids
+    mapped = (
+        {id(t) for t in inits if raw_dtype(t.data_type) is not None}
+        if payloads is not None
+        else set()
+    )
     try:
-        for t in iter_tensors(model):
+        for t in inits + list(iter_tensors(model, False)):
             if not is_external(t):
                 continue
             info = _info(t)
@@ -339,9 +352,17 @@ def load_external(model: onnx.ModelProto, source: Path) -> list[str]:
                 f = handles[full] = open(full, "rb")  # noqa: SIM115 - closed below
             offset = _int_field(info, "offset", t, source) or 0
             length = _int_field(info, "length", t, source)
+            end = files[full] if length is None else offset + length
+            if payloads is not None and id(t) in mapped:
+                if full not in maps:
+                    maps[full] = _map(f)
+                buf = maps[full]
+                if buf is not None:
+                    payloads.mark(t, payloads.add(Span(buf, offset, end)))
+                    continue
             f.seek(offset)
-            data = f.read() if length is None else f.read(length)
-            if length is not None and len(data) != length:
+            data = f.read(end - offset)
+            if len(data) != end - offset:
                 raise ModelLoadError(
                     f"{source}: external data file {info.get('location')!r} is truncated"
                 )
@@ -354,6 +375,14 @@ def load_external(model: onnx.ModelProto, source: Path) -> list[str]:
         for f in handles.values():
             f.close()
     return list(files)
+
+
+def _map(f: Any) -> mmap.mmap | None:
+    """A read-only memory map of an open file, or None where the file cannot be mapped."""
+    try:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # an empty file, a file system without mmap
+        return None
 
 
 # ---- copying without payloads -------------------------------------------------------
@@ -446,6 +475,17 @@ def _raw_payload(t: onnx.TensorProto) -> bytes | None:
     if len(data) != _elements(t) * arr.dtype.itemsize:
         return None
     return data
+
+
+def has_large_payloads(model: onnx.ModelProto, limit: int = INLINE_LIMIT) -> bool:
+    """True when some tensor holds ``limit`` bytes of data or more inside the message (not
+    a placeholder, not external), as its dims and type say."""
+    return any(
+        t.data_location != _EXTERNAL
+        and (bool(t.string_data) or math.prod(t.dims) * 8 >= limit)  # cheap test first
+        and payload_bytes(t) >= limit
+        for t in iter_tensors(model)
+    )
 
 
 def skeleton(model: onnx.ModelProto, limit: int = INLINE_LIMIT) -> onnx.ModelProto:

@@ -90,13 +90,15 @@ def _collect(graph: onnx.GraphProto) -> ShapeTree:
 def shape_tree(model: onnx.ModelProto) -> ShapeTree:
     """Shapes from ONNX shape inference, main graph and subgraphs (best effort).
 
-    Inference runs on a copy without the large weight payloads (dims and small constants
-    are kept), so it costs no second copy of the weights and works beyond 2 GB.
+    Inference never sees the large weight payloads (dims and small constants are kept),
+    so it costs no second copy of the weights and works beyond 2 GB: a model whose large
+    tensors are all placeholders (a loaded file, a lazy copy) is light already; any other
+    is inferred on a copy without them.
     """
-    from bnfuse.onnx.external import skeleton
+    from bnfuse.onnx.external import has_large_payloads, skeleton
 
     try:
-        light = skeleton(model)
+        light = skeleton(model) if has_large_payloads(model) else model
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:  # shape inference is best-effort; rules refuse when they need a shape
         inferred = model

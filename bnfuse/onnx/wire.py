@@ -117,27 +117,17 @@ def _entry(key: str, value: str) -> bytes:
     return tag(_T_EXTERNAL_DATA, _LEN) + varint(len(body)) + body
 
 
-def placeholder_fields(location: str, index: int) -> bytes:
-    """The fields that mark a tensor as a placeholder: ``data_location = EXTERNAL`` and
-    ``external_data = {location, offset: index}``."""
-    return (
-        _entry("location", location)
-        + _entry("offset", str(index))
-        + tag(_T_DATA_LOCATION, _VARINT)
-        + varint(1)
-    )
-
-
-def _plain_payload(buf: Buffer, start: int, end: int) -> tuple[int, int] | None:
-    """The raw_data span of a tensor holding its data only there, else None."""
-    raw: tuple[int, int] | None = None
-    for number, wire_type, _, v0, v1 in fields(buf, start, end):
+def _plain_payload(buf: Buffer, start: int, end: int) -> tuple[int, int, int] | None:
+    """``(field start, payload start, payload end)`` of the raw_data of a tensor that
+    holds its data only there, else None."""
+    raw: tuple[int, int, int] | None = None
+    for number, wire_type, f0, v0, v1 in fields(buf, start, end):
         if number in _T_NOT_PLAIN:
             return None
         if number == _T_RAW_DATA:
             if wire_type != _LEN or raw is not None:
                 return None
-            raw = (v0, v1)
+            raw = (f0, v0, v1)
     return raw
 
 
@@ -145,9 +135,10 @@ def split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[in
     """Cut a serialized ModelProto into a skeleton and its large weights.
 
     Every main-graph initializer whose data is a ``raw_data`` payload of ``limit`` bytes
-    or more is replaced by the same tensor without ``raw_data`` plus
-    :func:`placeholder_fields` ``(location, i)``; ``spans[i] = (start, end)`` locates its
-    payload in ``data``. Everything else is copied byte for byte. Returns None when the
+    or more is replaced by the same tensor without ``raw_data``, marked as placeholder
+    ``i`` the way :meth:`bnfuse.onnx.payloads.Payloads.mark` marks one (``external_data``
+    ``location``, ``offset: i``, then ``data_location = EXTERNAL``); ``spans[i] = (start,
+    end)`` locates its payload in ``data``. Everything else is copied byte for byte. Returns None when the
     bytes are not the plain shape this handles (see the module docstring).
     """
     try:
@@ -167,6 +158,9 @@ def _split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[i
     if graph is None:
         return None
     g_field, g0, g1 = graph
+    where = _entry("location", location)
+    external = tag(_T_DATA_LOCATION, _VARINT) + varint(1)
+    init_tag = tag(_GRAPH_INITIALIZER, _LEN)
     body: list[bytes | memoryview] = []
     spans: list[tuple[int, int]] = []
     copied = g0  # graph bytes before this position are in ``body`` already
@@ -174,15 +168,19 @@ def _split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[i
         if number != _GRAPH_INITIALIZER or wire_type != _LEN:
             continue
         raw = _plain_payload(data, v0, v1)
-        if raw is None or raw[1] - raw[0] < limit:
+        if raw is None or raw[2] - raw[1] < limit:
             continue
-        # the tensor's fields before and after raw_data, verbatim, then the placeholder
-        raw_field = _field_start(data, v0, v1, _T_RAW_DATA)
-        tensor = b"".join(
-            (view[v0:raw_field], view[raw[1] : v1], placeholder_fields(location, len(spans)))
+        # the tensor's fields before and after raw_data, verbatim, then the marks
+        marks = where + _entry("offset", str(len(spans))) + external
+        size = (raw[0] - v0) + (v1 - raw[2]) + len(marks)
+        spans.append((raw[1], raw[2]))
+        body += (
+            view[copied:f0],
+            init_tag + varint(size),
+            view[v0 : raw[0]],
+            view[raw[2] : v1],
+            marks,
         )
-        spans.append(raw)
-        body += (view[copied:f0], tag(_GRAPH_INITIALIZER, _LEN), varint(len(tensor)), tensor)
         copied = v1
     if not spans:
         return None
@@ -190,10 +188,3 @@ def _split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[i
     size = sum(len(b) for b in body)
     head = (view[:g_field], tag(_MODEL_GRAPH, _LEN), varint(size))
     return b"".join((*head, *body, view[g1:])), spans
-
-
-def _field_start(buf: Buffer, start: int, end: int, number: int) -> int:
-    for n, _, f0, _, _ in fields(buf, start, end):
-        if n == number:
-            return f0
-    raise WireError("field not found")  # pragma: no cover - _plain_payload found it
