@@ -248,3 +248,75 @@ def test_overflow_in_a_later_consumer_leaves_the_earlier_ones_unwritten() -> Non
     assert "overflow float16" in res.refusals[0].reason, res.refusals
     assert res.model.graph.node == m.graph.node
     assert list(res.model.graph.initializer) == list(m.graph.initializer)
+
+
+def test_both_possible_prefers_backward() -> None:
+    # Conv -> BN -> valid Conv: either direction folds exactly; backward is preferred
+    b = GraphBuilder(seed=15)
+    x = b.input("x", ["N", 3, 8, 8])
+    y = b.conv(x, 3, 4, [3, 3], name="conv1")
+    y = b.bn(y, 4, name="bn")
+    y = b.conv(y, 4, 5, [3, 3], name="conv2")
+    b.output(y)
+    res = folded(b.model(), 1, direction="backward")
+    assert [(f.bn, f.direction, f.into, f.rule) for f in res.folds] == [
+        ("bn", "backward", "conv1", "conv-bn")
+    ]
+
+
+def test_zero_shift_bn_then_padded_strided_conv_transpose_folds() -> None:
+    b = GraphBuilder(seed=16)
+    x = b.input("x", ["N", 4, 5, 5])
+    r = b.node("Relu", [x])
+    gamma, var = b.r.uniform(0.5, 2, 4), b.r.uniform(0.5, 2, 4)
+    mean = np.zeros(4)
+    beta = np.zeros(4)  # t = beta - s*mean = 0
+    p = [b.const(v.astype(np.float32)) for v in (gamma, beta, mean, var)]
+    y = b.node("BatchNormalization", [r, *p], name="bn")
+    y = b.node("ConvTranspose", [y, b.weight([4, 3, 3, 3])], pads=[1, 1, 1, 1], strides=[2, 2])
+    b.output(y)
+    res = folded(b.model(), 1)
+    assert "scale only" in res.folds[0].detail
+
+
+def test_bn_then_auto_pad_conv_refused() -> None:
+    b = GraphBuilder(seed=17)
+    x = b.input("x", ["N", 4, 7, 7])
+    y = b.bn(b.node("Relu", [x]), 4, name="bn")
+    y = b.conv(y, 4, 6, [3, 3], auto_pad="SAME_UPPER")
+    b.output(y)
+    res = fuse(b.model())
+    assert not res.folds
+    assert [(r.bn, r.reason) for r in res.refusals] == [("bn", PAD_REASON)]
+
+
+def test_two_consumers_one_padded_refused_graph_unchanged() -> None:
+    b = GraphBuilder(seed=18)
+    x = b.input("x", ["N", 4, 7, 7])
+    y = b.bn(b.node("Relu", [x]), 4, name="bn")
+    b.output(b.conv(y, 4, 6, [3, 3]))
+    b.output(b.conv(y, 4, 5, [3, 3], pads=[1, 1, 1, 1]))
+    m = b.model()
+    res = fuse(m)
+    assert not res.folds
+    assert [(r.bn, r.reason) for r in res.refusals] == [("bn", PAD_REASON)]
+    assert count_ops(res.model, "BatchNormalization") == 1
+    assert res.model.graph.node == m.graph.node
+    assert list(res.model.graph.initializer) == list(m.graph.initializer)
+
+
+def test_rank3_per_channel_mul_add_then_matmul_folds() -> None:
+    # (N, T, C) -> Mul([C]) -> Add([C]) -> MatMul([C, K]): a BN in disguise on the last axis
+    b = GraphBuilder(seed=19)
+    x = b.input("x", ["N", 4, 5])
+    y = b.node("Mul", [x, b.const(b.r.uniform(0.5, 2, 5).astype(np.float32))])
+    y = b.node("Add", [y, b.const(b.r.normal(0, 1, 5).astype(np.float32))])
+    y = b.node("MatMul", [y, b.weight([5, 3])], name="mm")
+    b.output(y)
+    m = b.model()
+    res = fuse(m)
+    assert [(f.direction, f.kind, f.rule, f.into) for f in res.folds] == [
+        ("forward", "Mul+Add", "bn-gemm", "mm")
+    ], res.refusals
+    assert count_ops(res.model, "Mul") == 0
+    assert_close(m, res.model)

@@ -34,6 +34,8 @@ from bnfuse.result import Fold, Refusal
 __all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
 
 F64 = NDArray[np.float64]
+#: A forward fold planned into one layer: (node, rule, in_map or None, detail).
+_Plan = tuple[Node, R.Rule, Any, str]
 EXCLUDED_REASON = "excluded (rolled back)"
 
 _Functional = keras.src.models.functional.Functional
@@ -408,34 +410,37 @@ class _Pass:
         users = s.consumers(out)
         if not users:
             return _Attempt(False, reason="after: no layer, the BN output is a model output")
-        plans: list[tuple[Node, R.Rule, Any, str]] = []  # (node, rule, in_map or None, detail)
-        reasons: list[str] = []
-        candidate = False
+        plans: list[_Plan] = []
+        reasons: list[tuple[str, str]] = []  # (the rule that matched, or "", reason)
+        matched: list[str] = []  # the rule of every user that leads to linear layers
         for u in users:
             got = self._forward_targets(bn, u)
             if isinstance(got, str):
-                reasons.append(got)
+                reasons.append(("", got))
                 continue
-            candidate = True
-            for item in got:
+            rule, items = got
+            matched.append(rule.name)
+            for item in items:
                 if isinstance(item, str):
-                    reasons.append(item)
+                    reasons.append((rule.name, item))
                 else:
                     plans.append(item)
-        if not candidate:
-            shown = "; ".join(reasons[:3])
+        if not matched:
+            shown = "; ".join(r for _, r in reasons[:3])
             if len(reasons) > 3:
                 shown += f"; and {len(reasons) - 3} more"
             return _Attempt(False, reason="after: " + shown)
-        att = _Attempt(True, rule=plans[0][1].name if plans else "")
+        att = _Attempt(True, rule=matched[0])
         if s.is_output(out):
             att.reason = "BN output is also a model output"
             return att
         if reasons:
+            rule_name, reason = reasons[0]
+            att.rule = rule_name or att.rule
             att.reason = (
-                reasons[0]
-                if len(users) == 1
-                else f"not every layer after BN can take it: {reasons[0]}"
+                reason
+                if len(plans) + len(reasons) == 1
+                else f"not every layer after BN can take it: {reason}"
             )
             return att
         aff = bn.ready()[0]
@@ -471,10 +476,9 @@ class _Pass:
         )
         return att
 
-    def _forward_targets(
-        self, bn: _BN, user: Node
-    ) -> str | list[tuple[Node, R.Rule, Any, str] | str]:
-        """The linear layers ``user`` leads to, or why it leads to none (a plain str)."""
+    def _forward_targets(self, bn: _BN, user: Node) -> str | tuple[R.Rule, list[_Plan | str]]:
+        """The rule that matched and, per layer ``user`` leads to, a plan or why that layer
+        cannot take the BN; or why ``user`` leads to no linear layer (a plain str)."""
         s = bn.scope
         layer = s.live_layer(user.layer)
         cls = type(layer).__name__ if layer is not None else s.class_name(user.layer)
@@ -484,7 +488,7 @@ class _Pass:
         rule = R.forward_rule_for(layer)
         axis = bn.ready()[1]
         if rule is not None:
-            return [self._forward_check(bn, user, layer, rule, None, "")]
+            return rule, [self._forward_check(bn, user, layer, rule, None, "")]
         flat = self._flatten_like(layer)
         if flat is None:
             return f"{cls} '{user.layer}' is not a linear layer"
@@ -495,29 +499,37 @@ class _Pass:
         fout = user.output(0)
         fusers = s.consumers(fout)
         dense_rule = R.rule_by_name("bn-flatten-dense")
-        results: list[tuple[Node, R.Rule, Any, str] | str] = []
-        if not fusers or not all(
-            (lay := s.live_layer(f.layer)) is not None and dense_rule.kind.matches(lay)
+        results: list[_Plan | str] = []
+        dense = {
+            f.layer
             for f in fusers
-        ):
+            if (lay := s.live_layer(f.layer)) is not None and dense_rule.kind.matches(lay)
+        }
+        if not dense:
             return f"{cls} '{user.layer}' is not followed by Dense layers only"
         if shape is None or any(d is None for d in shape[1:]):
             results.append(f"input shape of '{user.layer}' is not fully known")
-            return results
+            return dense_rule, results
         if s.is_output(fout):
             results.append(f"output of '{user.layer}' is a model output")
-            return results
+            return dense_rule, results
         idx = R.flatten_channel_index(
             tuple(int(d) for d in shape[1:] if d is not None), axis, flat == "channels_first"
         )
         for f in fusers:
             lay = s.live_layer(f.layer)
+            if f.layer not in dense:
+                fcls = type(lay).__name__ if lay is not None else s.class_name(f.layer)
+                results.append(
+                    f"{fcls} '{f.layer}' (via {cls} '{user.layer}') is not a linear layer"
+                )
+                continue
             results.append(
                 self._forward_check(
                     bn, f, lay, dense_rule, idx.reshape(-1, 1), f"via {cls} '{user.layer}'"
                 )
             )
-        return results
+        return dense_rule, results
 
     @staticmethod
     def _flatten_like(layer: Any) -> str | None:
@@ -530,7 +542,7 @@ class _Pass:
 
     def _forward_check(
         self, bn: _BN, user: Node, layer: Any, rule: R.Rule, in_map: Any, detail: str
-    ) -> tuple[Node, R.Rule, Any, str] | str:
+    ) -> _Plan | str:
         s = bn.scope
         aff, axis, rank = bn.ready()
         if rule.name in self.options.skip_rules:

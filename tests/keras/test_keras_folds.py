@@ -26,6 +26,7 @@ from bnfuse.keras.rules import PADDING_REASON, TRANSPOSE_SHIFT_REASON
 pytestmark = pytest.mark.keras
 
 ACT = "activation between layer and BN"
+SCALE_ONLY = "scale only (BN shift is exactly zero; padding stays zero)"
 
 
 def chain(shape: tuple[int, ...], *layers: Any, name: str = "m") -> keras.Model:
@@ -45,6 +46,8 @@ class Case:
     folds: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
     zero_shift: tuple[str, ...] = ()
+    refusal_rules: dict[str, str] = field(default_factory=dict)  # checked when given
+    details: dict[str, str] = field(default_factory=dict)  # fold details, checked when given
 
 
 def back(into: str = "lin", rule: str = "conv-bn") -> tuple[str, str, str]:
@@ -172,6 +175,19 @@ def _bn_two_dense() -> keras.Model:
     x = keras.Input((6,), name="x")
     y = BN()(L.ReLU(name="r")(x))
     return keras.Model(x, [L.Dense(3, name="da")(y), L.Dense(2, name="db")(y)])
+
+
+def _bn_flatten_dense_and_relu() -> keras.Model:
+    x = keras.Input((4, 4, 3), name="x")
+    y = L.Flatten(name="flat")(BN()(L.ReLU(name="r")(x)))
+    return keras.Model(x, [L.Dense(3, name="da")(y), L.ReLU(name="r2")(y)])
+
+
+def _bn_flatten_dense_and_padded_conv() -> keras.Model:
+    x = keras.Input((6, 6, 3), name="x")
+    y = BN()(L.ReLU(name="r")(x))
+    d = L.Dense(3, name="da")(L.Flatten(name="flat")(y))
+    return keras.Model(x, [d, L.Conv2D(4, 3, padding="same", name="lin")(y)])
 
 
 def _bn_dense_and_relu() -> keras.Model:
@@ -363,10 +379,26 @@ CASES: dict[str, Case] = {
             (6, 6, 3), L.ReLU(name="r"), BN(), L.Conv2D(4, 3, padding="same", name="lin")
         ),
         refusals={"bn": PADDING_REASON},
+        refusal_rules={"bn": "bn-conv"},
     ),
     "relu-bn-conv1d-causal-refused": Case(
         lambda: chain((8, 3), L.ReLU(name="r"), BN(), L.Conv1D(4, 3, padding="causal", name="lin")),
         refusals={"bn": PADDING_REASON},
+        refusal_rules={"bn": "bn-conv"},
+    ),
+    "relu-bn-depthwise-same-refused": Case(
+        lambda: chain(
+            (6, 6, 3), L.ReLU(name="r"), BN(), L.DepthwiseConv2D(3, padding="same", name="lin")
+        ),
+        refusals={"bn": PADDING_REASON},
+        refusal_rules={"bn": "bn-depthwise"},
+    ),
+    "relu-bn-separable-same-refused": Case(
+        lambda: chain(
+            (6, 6, 3), L.ReLU(name="r"), BN(), L.SeparableConv2D(4, 3, padding="same", name="lin")
+        ),
+        refusals={"bn": PADDING_REASON},
+        refusal_rules={"bn": "bn-separable"},
     ),
     "relu-bn-conv-same-zero-shift": Case(
         lambda: chain(
@@ -374,6 +406,7 @@ CASES: dict[str, Case] = {
         ),
         {"bn": fwd()},
         zero_shift=("bn",),
+        details={"bn": SCALE_ONLY},
     ),
     "relu-bn-depthwise-same-zero-shift": Case(
         lambda: chain(
@@ -381,10 +414,20 @@ CASES: dict[str, Case] = {
         ),
         {"bn": fwd(rule="bn-depthwise")},
         zero_shift=("bn",),
+        details={"bn": SCALE_ONLY},
+    ),
+    "relu-bn-separable-same-zero-shift": Case(
+        lambda: chain(
+            (6, 6, 3), L.ReLU(name="r"), BN(), L.SeparableConv2D(4, 3, padding="same", name="lin")
+        ),
+        {"bn": fwd(rule="bn-separable")},
+        zero_shift=("bn",),
+        details={"bn": SCALE_ONLY},
     ),
     "relu-bn-transpose-refused": Case(
         lambda: chain((4, 4, 3), L.ReLU(name="r"), BN(), L.Conv2DTranspose(4, 3, name="lin")),
         refusals={"bn": TRANSPOSE_SHIFT_REASON},
+        refusal_rules={"bn": "bn-conv-transpose"},
     ),
     "relu-bn-transpose-zero-shift": Case(
         lambda: chain(
@@ -453,6 +496,20 @@ CASES: dict[str, Case] = {
     "bn-consumer-not-linear-refused": Case(
         _bn_dense_and_relu,
         refusals={"bn": "not every layer after BN can take it: ReLU 'r2' is not a linear layer"},
+        refusal_rules={"bn": "bn-dense"},
+    ),
+    "bn-flatten-dense-and-relu-refused": Case(
+        _bn_flatten_dense_and_relu,
+        refusals={
+            "bn": "not every layer after BN can take it: "
+            "ReLU 'r2' (via Flatten 'flat') is not a linear layer"
+        },
+        refusal_rules={"bn": "bn-flatten-dense"},
+    ),
+    "bn-flatten-dense-and-padded-conv-refused": Case(
+        _bn_flatten_dense_and_padded_conv,
+        refusals={"bn": f"not every layer after BN can take it: {PADDING_REASON}"},
+        refusal_rules={"bn": "bn-conv"},
     ),
     "bn-between-nonlinear-refused": Case(
         lambda: chain((6,), L.ReLU(name="r"), BN(), L.ReLU(name="r2")),
@@ -482,6 +539,10 @@ def test_fold(case_id: str) -> None:
     if case.folds:
         assert api.validation is not None and api.validation.passed
     assert api.after.bn_nodes == len(case.refusals)
+    if case.refusal_rules:
+        assert {r.bn: r.rule for r in res.refusals} == case.refusal_rules
+    if case.details:
+        assert {f.bn: f.detail for f in res.folds} == case.details
     assert [f.channels > 0 for f in res.folds] == [True] * len(res.folds)
 
 
