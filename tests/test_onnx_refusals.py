@@ -176,3 +176,28 @@ def test_refused_model_still_runs_identically() -> None:
     m = b.model()
     res = fuse(m, forward=False)
     assert_close(m, res.model)
+
+
+def test_flatten_output_that_is_a_graph_output_is_named_so() -> None:
+    b = GraphBuilder(seed=41)
+    x = b.input("x", ["N", 4, 3, 3])
+    y = b.bn(b.node("Relu", [x]), 4, name="bn")
+    flat = b.node("Flatten", [y], name="flat")
+    b.output(flat)
+    b.output(b.node("Gemm", [flat, b.weight([36, 5])]))
+    assert only_refusal(fuse(b.model())) == "Flatten output 'flat_out' is a graph output"
+
+
+def test_forward_fold_into_several_rules_names_each() -> None:
+    # one BN folded forward into a Flatten -> Gemm and a valid Conv: both rules named
+    b = GraphBuilder(seed=42)
+    x = b.input("x", ["N", 4, 3, 3])
+    y = b.bn(b.node("Relu", [x]), 4, name="bn")
+    b.output(b.node("Gemm", [b.node("Flatten", [y]), b.weight([36, 5])]))
+    b.output(b.node("Conv", [y, b.weight([2, 4, 3, 3])]))
+    m = b.model()
+    res = fuse(m)
+    assert [(f.bn, f.direction, f.rule) for f in res.folds] == [
+        ("bn", "forward", "bn-gemm+bn-conv")
+    ]
+    assert_close(m, res.model)

@@ -309,7 +309,7 @@ def fuse_graph(
             break
     result.refusals.extend(refused.values())
     if dead:
-        g.remove_unused_initializers(dead)
+        g.remove_unused_initializers(dead, reindex=False)  # the edits kept the index exact
     _check_invariants(g, result, scope)
 
 
@@ -415,7 +415,7 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
         g.remove_node(n)
     g.drop_value_info([norm.output])
     into = ", ".join(node_label(t.node) for _, t in targets)
-    rule_name = targets[0][0].name  # type: ignore[attr-defined]
+    rule_name = "+".join(dict.fromkeys(r.name for r, _ in targets))  # type: ignore[attr-defined]
     detail = "scale only (shift is zero)" if all(t.scale_only for _, t in targets) else ""
     return Fold(norm.name, into, rule_name, "forward", norm.channels, norm.kind, detail, scope)
 

@@ -506,9 +506,13 @@ class Graph:
             del self.g.value_info[:]
             self.g.value_info.extend(keep)
 
-    def remove_unused_initializers(self, candidates: Iterable[str]) -> None:
-        """Drop initializers and Constant nodes among ``candidates`` that nothing reads."""
-        self.reindex()
+    def remove_unused_initializers(self, candidates: Iterable[str], reindex: bool = True) -> None:
+        """Drop initializers and Constant nodes among ``candidates`` that nothing reads.
+
+        ``reindex=False`` trusts the index as the edits kept it (the fold loop's own graph;
+        after folds inside a subgraph the enclosing graphs' reads must be recounted)."""
+        if reindex:
+            self.reindex()
         cands = set(candidates)
         unused = {
             c

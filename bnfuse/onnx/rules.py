@@ -648,7 +648,8 @@ class BNGemm(ForwardRule):
             flat = flat_or_reason
             nxt = g.only_consumer(c.output[0])
             if nxt is None:
-                return f"{c.op_type} output has several consumers"
+                reason = g.intermediate_reason(c.output[0], c.op_type)
+                return reason or f"{c.op_type} output has no consumer"
             c = nxt
         if c.op_type not in ("Gemm", "MatMul") or c.domain not in ("", "ai.onnx"):
             return (
