@@ -554,12 +554,14 @@ def write_model(
     location: str,
     limit: int = INLINE_LIMIT,
     payloads: Payloads | None = None,
+    sync: bool = True,
 ) -> None:
     """Write ``model`` as a header at ``path`` and its large tensors to ``data_path``.
 
     The header refers to the data as ``location`` (relative to the header's directory).
     ``model`` itself is not modified; tensors are copied out one at a time, placeholders
-    straight from ``payloads``.
+    straight from ``payloads``. ``sync`` flushes both files to disk (not needed for a
+    temporary copy).
     """
     with open(data_path, "wb") as f:
 
@@ -587,11 +589,13 @@ def write_model(
         header = onnx.ModelProto()
         _copy(model, header, hook)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     with open(path, "wb") as h:
         h.write(header.SerializeToString())
         h.flush()
-        os.fsync(h.fileno())
+        if sync:
+            os.fsync(h.fileno())
 
 
 def _to_data_file(
