@@ -92,14 +92,21 @@ class _ModelFile:
 def _session_source(model: OnnxModel) -> tuple[str | bytes, _ModelFile | None]:
     """What to hand onnxruntime: the unchanged file the model came from, the serialized
     bytes, or (from :data:`RUN_FROM_FILE_THRESHOLD` on) a temporary file with external
-    data."""
-    if model.source is not None:
-        return str(model.source), None
+    data. onnxruntime holds the weights from then on: the pages of mapped input files
+    this process touched are let go (:meth:`Payloads.release_pages`)."""
+    source: str | bytes
+    tmp = None
     size = model_bytes(model.proto)
-    if size < RUN_FROM_FILE_THRESHOLD and size < FILE_PATH_THRESHOLD:
-        return serialize.to_bytes(model.proto, model.payloads), None
-    tmp = _ModelFile(model.proto, model.payloads)
-    return str(tmp.path), tmp
+    if model.source is not None:
+        source = str(model.source)
+    elif size < RUN_FROM_FILE_THRESHOLD and size < FILE_PATH_THRESHOLD:
+        source = serialize.to_bytes(model.proto, model.payloads)
+    else:
+        tmp = _ModelFile(model.proto, model.payloads)
+        source = str(tmp.path)
+    if model.payloads is not None:
+        model.payloads.release_pages()
+    return source, tmp
 
 
 #: Files from this size on are memory-mapped instead of read: the weights then stay in

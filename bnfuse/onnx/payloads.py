@@ -242,6 +242,26 @@ class Payloads:
             t.ClearField(field)
         t.raw_data = data
 
+    def release_pages(self) -> None:
+        """Let go of the pages of memory-mapped files this store has touched.
+
+        They are file pages, read back from the page cache (or the disk) when used again;
+        meanwhile they no longer count for this process. Called before onnxruntime loads
+        a model, which then holds its own copy or mapping of the weights.
+        """
+        advise = getattr(mmap.mmap, "madvise", None)
+        dontneed = getattr(mmap, "MADV_DONTNEED", None)
+        if advise is None or dontneed is None:  # pragma: no cover - platforms without madvise
+            return
+        seen: set[int] = set()
+        for e in self._entries:
+            if isinstance(e, Span) and isinstance(e.buf, mmap.mmap) and id(e.buf) not in seen:
+                seen.add(id(e.buf))
+                try:
+                    e.buf.madvise(dontneed)
+                except (OSError, ValueError):  # pragma: no cover - closed or unsupported
+                    pass
+
     def materialize(self, tensors: Iterable[onnx.TensorProto]) -> None:
         """:meth:`fill` every placeholder among ``tensors``."""
         for t in tensors:
