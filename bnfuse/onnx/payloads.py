@@ -23,6 +23,7 @@ placeholders back into ordinary tensors where a complete ModelProto is needed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import secrets
@@ -257,10 +258,8 @@ class Payloads:
         for e in self._entries:
             if isinstance(e, Span) and isinstance(e.buf, mmap.mmap) and id(e.buf) not in seen:
                 seen.add(id(e.buf))
-                try:
+                with contextlib.suppress(OSError, ValueError):  # closed, or unsupported
                     e.buf.madvise(dontneed)
-                except (OSError, ValueError):  # pragma: no cover - closed or unsupported
-                    pass
 
     def materialize(self, tensors: Iterable[onnx.TensorProto]) -> None:
         """:meth:`fill` every placeholder among ``tensors``."""
