@@ -79,6 +79,70 @@ def test_operand_orders_after_conv(op: str, order: str, shape: tuple[int, ...]) 
     assert ops(res.model) == ["Conv", "Relu"]
 
 
+REVERSED = ["Mul", "Add", "Sub"]  # op(c, x); Div(c, x) is not affine in x
+
+
+@pytest.mark.parametrize(
+    ("op", "bias"),
+    # without a bias, Add(c, x) right after the MatMul IS its bias (see the next test)
+    [("Mul", False), ("Sub", False), ("Mul", True), ("Add", True), ("Sub", True)],
+)
+def test_reversed_operands_after_matmul(op: str, bias: bool) -> None:
+    b = GraphBuilder(seed=40 + len(op) + bias)
+    x = b.input("x", ["N", 5])
+    y = b.node("MatMul", [x, b.weight([5, 6])])
+    if bias:  # a Dense layer's bias Add
+        y = b.node("Add", [y, vec(b, (6,))])
+    y = b.node(op, [vec(b, (6,)), y], name="aff")
+    b.output(b.node("Relu", [y]))
+    res = folded(b.model(), 1)
+    assert (res.folds[0].bn, res.folds[0].kind) == ("aff", op)
+    assert res.folds[0].rule == "matmul-bn"
+    # Sub(c, x) = -x + c needs a bias: the one there, or a new Add
+    expected = ["MatMul", "Relu"] if (op, bias) == ("Mul", False) else ["MatMul", "Add", "Relu"]
+    assert ops(res.model) == expected
+
+
+def test_reversed_add_right_after_matmul_is_its_bias() -> None:
+    b = GraphBuilder(seed=44)
+    x = b.input("x", ["N", 5])
+    y = b.node("Add", [vec(b, (6,)), b.node("MatMul", [x, b.weight([5, 6])])])
+    b.output(b.node("Relu", [y]))
+    res = fuse(b.model())
+    assert not res.folds
+    assert not res.refusals
+
+
+@pytest.mark.parametrize("op", REVERSED)
+@pytest.mark.parametrize("c_shape", [(5,), (1, 5)])
+def test_reversed_operands_after_gemm(op: str, c_shape: tuple[int, ...]) -> None:
+    b = GraphBuilder(seed=45 + len(op) + len(c_shape))
+    x = b.input("x", ["N", 3])
+    y = b.node("Gemm", [x, b.weight([5, 3]), vec(b, (5,))], transB=1, alpha=0.7)
+    y = b.node(op, [vec(b, c_shape), y], name="aff")
+    b.output(b.node("Relu", [y]))
+    res = folded(b.model(), 1)
+    assert (res.folds[0].bn, res.folds[0].kind) == ("aff", op)
+    assert res.folds[0].rule == "gemm-bn"
+    assert ops(res.model) == ["Gemm", "Relu"]
+
+
+@pytest.mark.parametrize("op", REVERSED)
+@pytest.mark.parametrize("shape", [(1, 8, 1, 1), (8, 1, 1)])
+def test_reversed_operands_after_grouped_conv_transpose(op: str, shape: tuple[int, ...]) -> None:
+    b = GraphBuilder(seed=50 + len(op) + len(shape))
+    group, cin, cout = 2, 4, 8
+    x = b.input("x", ["N", cin, 5, 5])
+    w = b.weight([cin, cout // group, 3, 3])
+    y = b.node("ConvTranspose", [x, w], group=group, strides=[2, 2])
+    y = b.node(op, [vec(b, shape), y], name="aff")
+    b.output(b.node("Relu", [y]))
+    res = folded(b.model(), 1)
+    assert (res.folds[0].bn, res.folds[0].kind) == ("aff", op)
+    assert res.folds[0].rule == "conv-transpose-bn"
+    assert ops(res.model) == ["ConvTranspose", "Relu"]
+
+
 def test_div_by_constant_is_not_div_of_constant() -> None:
     # Div(c, x) = c / x is not affine in x: left alone, and not reported either
     b = GraphBuilder(seed=1)
@@ -290,6 +354,30 @@ def test_c_shaped_constant_on_4d_conv_output_refused() -> None:
     r = res.refusals[0]
     assert (r.bn, r.kind) == ("mul", "Mul")
     assert "not its channel axis 1" in r.reason
+    assert count_ops(res.model, "Mul") == 1
+    assert_close(m, res.model)
+
+
+@pytest.mark.parametrize("order", ["xc", "cx"])
+def test_c_shaped_constant_on_4d_conv_transpose_output_refused(order: str) -> None:
+    # ConvTranspose [N, 4, 3, 3] -> [N, 6, 6, 6] (group 2): a [6] constant broadcasts over
+    # W, the last axis, although W == C
+    b = GraphBuilder(seed=33)
+    x = b.input("x", ["N", 4, 3, 3])
+    y = b.node("ConvTranspose", [x, b.weight([4, 3, 4, 4])], group=2)
+    c = vec(b, (6,))
+    y = b.node("Mul", [c, y] if order == "cx" else [y, c], name="mul")
+    b.output(y)
+    m = b.model()
+    res = fuse(m)
+    assert not res.folds
+    assert len(res.refusals) == 1
+    r = res.refusals[0]
+    assert (r.bn, r.kind) == ("mul", "Mul")
+    assert r.reason == (
+        "Mul acts on axis 3 (the last axis) of a rank-4 ConvTranspose output, "
+        "not its channel axis 1"
+    )
     assert count_ops(res.model, "Mul") == 1
     assert_close(m, res.model)
 
