@@ -222,7 +222,9 @@ def fuse(
         treat_initializer_inputs_as_constants: ONNX initializers also listed as graph
             inputs count as constants (they are overridable otherwise, so refused).
         unsafe_load: allow Keras models with ``Lambda`` layers (runs their code).
-        bench: measure latency before/after (see :func:`benchmark`).
+        bench: measure latency before/after (see :func:`benchmark`); skipped, with a
+            warning, when validation failed and the model will not be written (no
+            ``force``).
         batches, threads, bench_seconds: benchmark settings.
         progress: callback ``(description, completed, total)``.
 
@@ -292,6 +294,11 @@ def fuse(
                 validation = _replace(revalidated, culprits=names, rolled_back=names)
                 warnings.append(f"rolled back {len(names)} fold(s): {', '.join(names)}")
 
+    # validation failed and nothing will be written: ValidationError is raised below
+    failed = validation is not None and not validation.passed and not force
+    if bench and failed:  # timing a model that is thrown away is wasted time
+        warnings.append("benchmark skipped: validation failed (--force writes and times it anyway)")
+
     after = backend.stats(passed.model)
     fused_model = passed.model
     # the user's model object, made on first access (the ONNX backend then fills in the
@@ -312,7 +319,7 @@ def fuse(
         warnings=tuple(warnings),
     )
 
-    if bench:
+    if bench and not failed:
         result = _replace(
             result,
             model=public,
@@ -328,7 +335,7 @@ def fuse(
             ),
         )
 
-    if validation is not None and not validation.passed and not force:
+    if validation is not None and failed:
         blamed = (
             f"; responsible fold(s): {', '.join(validation.culprits)}"
             if validation.culprits

@@ -9,7 +9,8 @@ pair: original and fused, same ``runtime`` label) and every batch size:
 4. Time pairs A B, B A, A B ... (the first of each pair alternates to cancel order
    effects) until the row's share of ``seconds`` is spent, with at least
    :data:`MIN_PAIRS` and at most :data:`MAX_PAIRS` pairs. The garbage collector is off
-   while timing.
+   while timing. Rows that stop at :data:`MAX_PAIRS` before their share of ``seconds``
+   is spent are named in a note.
 
 Speedup is the median of the paired ratios original/fused (> 1: the fused model is
 faster) with a seeded bootstrap 95% confidence interval. Inputs are random
@@ -53,9 +54,9 @@ __all__ = [
 
 #: Said whenever onnxruntime is timed: the unfused reference is not what ORT really runs.
 ORT_FOLDS_NOTE = (
-    "onnxruntime already folds Conv+BatchNormalization itself at its default optimization "
-    "level (ORT_ENABLE_ALL/BASIC), so the gain at ORT_ENABLE_ALL comes only from patterns "
-    "it does not fold"
+    "onnxruntime already folds Conv+BatchNormalization itself at ORT_ENABLE_BASIC and above, "
+    "including the default ORT_ENABLE_ALL, so the gain at ORT_ENABLE_ALL comes only from "
+    "patterns it does not fold"
 )
 
 MIN_PAIRS = 5
@@ -191,8 +192,11 @@ def _time_row(
     feeds: Mapping[str, np.ndarray],
     budget_s: float,
     tick: Callable[[float], None],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Warm up, then time interleaved pairs; returns (original times, fused times) in s."""
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Warm up, then time interleaved pairs.
+
+    Returns (original times, fused times) in s and the wall time the timed loop took.
+    """
     warm_until = time.perf_counter() + 0.1 * budget_s
     for i in range(WARMUP_MAX):
         if i >= WARMUP_MIN and time.perf_counter() >= warm_until:
@@ -204,8 +208,9 @@ def _time_row(
     gc.collect()
     was_enabled = gc.isenabled()
     gc.disable()
+    start = time.perf_counter()
+    elapsed = 0.0
     try:
-        start = time.perf_counter()
         while len(ta) < MAX_PAIRS:
             if len(ta) % 2 == 0:
                 ta.append(_timed(fa, feeds))
@@ -220,7 +225,7 @@ def _time_row(
     finally:
         if was_enabled:
             gc.enable()
-    return np.asarray(ta), np.asarray(tb)
+    return np.asarray(ta), np.asarray(tb), elapsed
 
 
 @contextlib.contextmanager
@@ -301,6 +306,7 @@ def run(
     rows: list[LatencyRow] = []
     setup_ms: dict[str, float] = {}
     first_run_ms: dict[str, float] = {}
+    capped: list[str] = []  # rows that hit MAX_PAIRS before their budget was spent
     done = 0
     for ta, tb in zip(orig_targets, fused_targets, strict=True):
         rt = ta.runtime
@@ -326,7 +332,9 @@ def run(
             def tick(frac: float, base: int = done, what: str = what) -> None:
                 report(what, base + frac)
 
-            times_a, times_b = _time_row(fa, fb, x, row_budget, tick)
+            times_a, times_b, elapsed = _time_row(fa, fb, x, row_budget, tick)
+            if len(times_a) >= MAX_PAIRS and elapsed < row_budget:
+                capped.append(f"{rt} batch {b}")
             ratios = times_a / np.maximum(times_b, 1e-9)
             note = "; ".join(dict.fromkeys(n for n in (ta.note, tb.note) if n))
             rows.append(
@@ -345,6 +353,11 @@ def run(
     if rows and rows[0].note and len({r.note for r in rows}) == 1:
         notes.append(rows[0].note)  # the same note on every row: say it once
         rows = [dataclasses.replace(r, note="") for r in rows]
+    if capped:
+        notes.append(
+            f"stopped at the maximum of {MAX_PAIRS} timed pairs before the row's "
+            f"{row_budget:.3g} s time budget was used: {', '.join(capped)}"
+        )
     if any(t.runtime.startswith("onnxruntime") for t in orig_targets):
         notes.append(ORT_FOLDS_NOTE)
     return BenchResult(

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfuse.backend import atomic_path
+from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.errors import UsageError
 from bnfuse.result import BenchResult, FuseResult, ModelStats, Validation
 
@@ -285,16 +286,16 @@ def _bench_sections(b: BenchResult, verbose: bool) -> list[_Section]:
         "runtime",
         "batch",
         "original median ms",
-        "p90",
+        "orig p90",
         "fused median ms",
-        "p90",
+        "fused p90",
         "speedup [95% CI]",
         "throughput /s orig → fused",
         "runs",
     ]
     if verbose:
-        headers[4:4] = ["p99", "mean ± std"]
-        headers[8:8] = ["p99", "mean ± std"]
+        headers[4:4] = ["orig p99", "orig mean ± std"]
+        headers[8:8] = ["fused p99", "fused mean ± std"]
     title = f"Latency ({b.threads} thread(s)"
     title += f", {b.seconds:g} s timing budget)" if b.seconds else ")"
     sec = _Section(title, tuple(headers), right=frozenset(range(1, len(headers))))
@@ -314,6 +315,8 @@ def _bench_sections(b: BenchResult, verbose: bool) -> list[_Section]:
             _c(f"{o.runs}+{f.runs}"),
         ]
         sec.rows.append(tuple(cells))
+    if ORT_FOLDS_NOTE in b.notes:  # right under the table: it qualifies its numbers
+        sec.lines.append((f"note: {ORT_FOLDS_NOTE}", ""))
     for row in b.rows:
         if row.note:
             sec.lines.append((f"{row.runtime}: {row.note}", "dim"))
@@ -355,7 +358,8 @@ def _sections(result: FuseResult, verbose: bool) -> list[_Section]:
         notes.lines.append((f"warning: {w}", "yellow"))
     if result.bench is not None:
         for n in result.bench.notes:
-            notes.lines.append((f"note: {n}", ""))
+            if n != ORT_FOLDS_NOTE:  # said under the latency table
+                notes.lines.append((f"note: {n}", ""))
     if notes.lines:
         secs.append(notes)
     return secs

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -66,6 +67,60 @@ def test_unvalidated_path_fold_equals_copying_fold(tmp_path: Path) -> None:
     assert from_path.model.SerializeToString() == from_obj.model.SerializeToString()
     assert onnx.load(tmp_path / "f.onnx") == from_path.model
     assert src.read_bytes() == before
+
+
+def spy_sessions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record (level, threads) of every onnxruntime session bnfuse creates."""
+    from bnfuse.onnx import backend as onnx_backend
+
+    made: list[tuple[str, int]] = []
+    real = onnx_backend._cpu_session
+
+    def spy(data: Any, level: str, threads: int) -> Any:
+        made.append((level, threads))
+        return real(data, level, threads)
+
+    monkeypatch.setattr(onnx_backend, "_cpu_session", spy)
+    return made
+
+
+def test_validation_runs_both_sides_with_graph_optimizations_disabled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # onnxruntime folds Conv+BN itself from ORT_ENABLE_BASIC on: at any level above
+    # ORT_DISABLE_ALL the "original" would already be fused and validation would prove nothing
+    made = spy_sessions(monkeypatch)
+    res = bnfuse.fuse(model())
+    assert res.validation is not None and res.validation.passed
+    assert len(made) >= 2  # the original and the fused model
+    assert {level for level, _ in made} == {"ORT_DISABLE_ALL"}
+    assert res.validation.runtime == "onnxruntime CPU, ORT_DISABLE_ALL"
+
+
+def test_benchmark_sessions_get_the_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnfuse.bench
+
+    made = spy_sessions(monkeypatch)
+    timed: list[tuple[str, int]] = []  # the sessions made while timing
+    real_run = bnfuse.bench.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        start = len(made)
+        try:
+            return real_run(*args, **kwargs)
+        finally:
+            timed.extend(made[start:])
+
+    monkeypatch.setattr(bnfuse.bench, "run", run)
+    m = model()
+    fused = bnfuse.fuse(m, validate=False).model
+    result = bnfuse.benchmark(m, fused, threads=2, seconds=0.2)
+    assert result.threads == 2
+    assert sorted(timed) == [("ORT_DISABLE_ALL", 2)] * 2 + [("ORT_ENABLE_ALL", 2)] * 2
+    assert {r.runtime for r in result.rows} == {
+        "onnxruntime ORT_DISABLE_ALL",
+        "onnxruntime ORT_ENABLE_ALL",
+    }
 
 
 def test_dry_run_does_not_write(tmp_path: Path) -> None:

@@ -170,6 +170,83 @@ def test_minimum_pairs_even_with_a_tiny_budget() -> None:
     assert res.rows[0].original.runs == bench.MIN_PAIRS
 
 
+def test_warm_up_runs_between_the_first_run_and_timing() -> None:
+    # per row and side: 1 first run (timed alone) + warm-up + the timed runs
+    counter = Counter()
+    orig, fused = pair(["rt"], counter)
+    res = run(orig, fused, batches=(1, 4), seconds=1e-6)  # warm-up stops at its minimum
+    assert bench.WARMUP_MIN >= 2
+    for row in res.rows:
+        for side, stats in (("orig", row.original), ("fused", row.fused)):
+            calls = counter.calls.count((side, row.batch))
+            assert calls == 1 + bench.WARMUP_MIN + stats.runs, (side, row.batch)
+
+    counter = Counter()
+    orig, fused = pair(["rt"], counter)
+    res = run(orig, fused, seconds=0.2)  # warm-up may run longer, up to its maximum
+    for side, stats in (("orig", res.rows[0].original), ("fused", res.rows[0].fused)):
+        warm = counter.calls.count((side, 1)) - 1 - stats.runs
+        assert bench.WARMUP_MIN <= warm <= bench.WARMUP_MAX, side
+
+
+def test_speedup_ci_is_the_bootstrap_ci_of_the_paired_ratios(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sentinel = (0.123, 4.56)
+    seen: list[np.ndarray] = []
+
+    def fake_ci(values: Any, **kw: Any) -> tuple[float, float]:
+        seen.append(np.asarray(values))
+        return sentinel
+
+    monkeypatch.setattr(bench, "bootstrap_median_ci", fake_ci)
+    orig, fused = pair(["a", "b"])
+    res = run(orig, fused, batches=(1, 2))
+    assert [r.speedup_ci for r in res.rows] == [sentinel] * 4
+    assert len(seen) == 4
+    for r, ratios in zip(res.rows, seen, strict=True):
+        assert ratios.shape == (r.original.runs,) and r.speedup == float(np.median(ratios))
+
+
+def test_speedup_is_the_median_of_paired_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    # deterministic times (multiples of 2**-10 s: the ratios are exact); the median of the
+    # ratios (2.0) differs from the ratio of the medians (4/3) and the mean ratio (2.1)
+    u = 2.0**-10
+    first = 1.0  # the first run, timed alone: not part of the pairs
+    a = [2 * u, 3 * u, 10 * u, 4 * u, 6 * u]
+    b = [1 * u, 3 * u, 2 * u, 8 * u, 3 * u]
+    assert len(a) == bench.MIN_PAIRS
+    times = {"orig": iter([first, *a]), "fused": iter([first, *b])}
+    counter = Counter()
+
+    def fake_timed(fn: Callable[[Mapping[str, np.ndarray]], Any], feeds: Any) -> float:
+        fn(feeds)
+        return next(times[counter.calls[-1][0]])
+
+    monkeypatch.setattr(bench, "_timed", fake_timed)
+    orig, fused = pair(["rt"], counter)
+    res = run(orig, fused, seconds=1e-6)  # stops after MIN_PAIRS pairs
+    (row,) = res.rows
+    assert row.original.runs == row.fused.runs == len(a)
+    assert row.speedup == 2.0
+    assert row.original.median_ms == 4 * u * 1e3 and row.fused.median_ms == 3 * u * 1e3
+    assert res.first_run_ms == {"rt original batch=1": 1e3, "rt fused batch=1": 1e3}
+
+
+def test_rows_stopped_at_the_pair_cap_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "MAX_PAIRS", 7)
+    orig, fused = pair(["rt A", "rt B"])
+    res = run(orig, fused, batches=(1, 2), seconds=40.0)  # fast fakes: 7 pairs take ~µs
+    assert all(r.original.runs == 7 for r in res.rows)
+    (note,) = [n for n in res.notes if "maximum" in n]
+    assert note == (
+        "stopped at the maximum of 7 timed pairs before the row's 10 s time budget was "
+        "used: rt A batch 1, rt A batch 2, rt B batch 1, rt B batch 2"
+    )
+    res = run(orig, fused, seconds=1e-6)  # budget spent: no note
+    assert not [n for n in res.notes if "maximum" in n]
+
+
 def test_progress_is_reported() -> None:
     seen: list[tuple[str, float, float | None]] = []
     orig, fused = pair(["rt A", "rt B"])
@@ -208,6 +285,9 @@ def test_ort_note_and_target_notes() -> None:
     assert "CPU provider" in res.notes
     assert res.rows[0].note == ""
     assert "ORT_ENABLE_ALL" in bench.ORT_FOLDS_NOTE and "BatchNormalization" in bench.ORT_FOLDS_NOTE
+    assert "at ORT_ENABLE_BASIC and above, including the default ORT_ENABLE_ALL" in (
+        bench.ORT_FOLDS_NOTE
+    )
 
 
 def test_unpaired_targets_are_an_invariant_error() -> None:

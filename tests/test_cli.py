@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 from onnx_util import GraphBuilder, count_ops
+from rich.console import Console
 from typer.testing import CliRunner
 
+import bnfuse.api
+import bnfuse.cli
+import bnfuse.fold
+from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.cli import app
 
 runner = CliRunner()
@@ -33,6 +42,11 @@ def make_model(path: Path, seed: int = 0) -> Path:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flat(text: str) -> str:
+    """The text with every run of whitespace (line wraps included) as one space."""
+    return " ".join(text.split())
 
 
 def test_fuse_writes_and_reports(tmp_path: Path) -> None:
@@ -78,6 +92,115 @@ def test_skip_rule_and_unknown_rule(tmp_path: Path) -> None:
     r = runner.invoke(app, [str(src), "--skip", "no-such-rule"])
     assert r.exit_code == 2
     assert "unknown rule(s) no-such-rule" in r.output
+
+
+def test_bench_and_validation_options_reach_the_report(tmp_path: Path) -> None:
+    src = make_model(tmp_path / "m.onnx")
+    out, rj, rm = tmp_path / "f.onnx", tmp_path / "r.json", tmp_path / "r.md"
+    args = [str(src), "-o", str(out), "--bench", "--batch", "1,2", "--bench-seconds", "0.2"]
+    args += ["--threads", "2", "--samples", "3", "--rtol", "1e-3"]
+    r = runner.invoke(app, [*args, "--report", str(rj), "--report", str(rm)])
+    assert r.exit_code == 0, r.output
+    assert out.exists() and rj.exists() and rm.exists()
+    data = json.loads(rj.read_text(encoding="utf-8"))
+    rows = data["bench"]["rows"]
+    assert len(rows) == 4  # 2 runtimes x 2 batches
+    assert {(row["runtime"], row["batch"]) for row in rows} == {
+        (f"onnxruntime {level}", b)
+        for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL")
+        for b in (1, 2)
+    }
+    assert data["bench"]["threads"] == 2 and data["bench"]["seconds"] == 0.2
+    assert data["validation"]["samples"] == 3
+    assert data["validation"]["outputs"] and all(
+        o["rtol"] == 1e-3 for o in data["validation"]["outputs"]
+    )
+    assert ORT_FOLDS_NOTE in flat(r.output)
+    assert f"- note: {ORT_FOLDS_NOTE}" in rm.read_text(encoding="utf-8")
+
+
+def test_rollback_writes_the_rest_and_names_the_bn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # corrupt the fold of bn1 (into the 3->4 Conv) by 5%: validation fails, bisection
+    # blames bn1, --rollback leaves it in place and writes the model anyway
+    hits: list[int] = []
+    original: Callable[..., Any] = bnfuse.fold.fold_backward
+
+    def corrupted(w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        w2, b2 = original(w, *args, **kwargs)
+        if w.ndim == 4 and w.shape[:2] == (4, 3):
+            hits.append(1)
+            w2 = (w2 * np.float32(1.05)).astype(w2.dtype)
+        return w2, b2
+
+    monkeypatch.setattr(bnfuse.fold, "fold_backward", corrupted)
+    import bnfuse.onnx.rules as rules
+
+    if hasattr(rules, "fold_backward"):  # imported by name there
+        monkeypatch.setattr(rules, "fold_backward", corrupted)
+    src = make_model(tmp_path / "m.onnx")
+    out = tmp_path / "f.onnx"
+    r = runner.invoke(app, [str(src), "-o", str(out)])
+    assert hits and r.exit_code == 1, r.output  # without --rollback: nothing written
+    assert not out.exists()
+    r = runner.invoke(app, [str(src), "-o", str(out), "--rollback"])
+    assert r.exit_code == 0, r.output
+    assert out.exists() and count_ops(onnx.load(out), "BatchNormalization") == 2
+    text = flat(r.output)
+    assert "rolled back: bn1" in text
+    assert "warning: rolled back 1 fold(s): bn1" in text
+    assert "bn1 BatchNormalization rolled back its fold failed validation" in text
+
+
+def test_progress_bar_shows_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "xterm")  # rich draws nothing on a "dumb" terminal
+    buf = io.StringIO()
+    console = Console(force_terminal=True, file=buf, width=120)
+    cb, stop = bnfuse.cli._progress(console)
+    try:
+        cb("validating", 0, None)
+        cb("timing onnxruntime ORT_ENABLE_ALL, batch 2", 1, 4)
+    finally:
+        stop()
+    assert "timing onnxruntime ORT_ENABLE_ALL, batch 2" in buf.getvalue()
+
+
+@pytest.mark.parametrize(("flags", "shown"), [([], True), (["-q"], False), (["--json"], False)])
+def test_fuse_gets_a_progress_callback_unless_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], shown: bool
+) -> None:
+    def console(*args: Any, **kwargs: Any) -> Console:  # stderr as if a terminal
+        if kwargs.get("stderr"):
+            kwargs["force_terminal"] = True
+        return Console(*args, **kwargs)
+
+    monkeypatch.setattr(bnfuse.cli, "Console", console)
+    seen: list[Any] = []
+    steps: list[str] = []
+    real_fuse = bnfuse.api.fuse
+
+    def fuse(*args: Any, **kwargs: Any) -> Any:
+        progress = kwargs.get("progress")
+        seen.append(progress)
+        if progress is not None:
+
+            def recording(what: str, done: float, total: float | None) -> None:
+                steps.append(what)
+                progress(what, done, total)
+
+            kwargs["progress"] = recording
+        return real_fuse(*args, **kwargs)
+
+    monkeypatch.setattr(bnfuse.api, "fuse", fuse)
+    r = runner.invoke(app, [str(make_model(tmp_path / "m.onnx")), *flags])
+    assert r.exit_code == 0, r.output
+    assert len(seen) == 1
+    if shown:
+        assert callable(seen[0])
+        assert "validating" in steps
+    else:
+        assert seen[0] is None
 
 
 def test_list_rules(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ def full_result(**changes: Any) -> FuseResult:
     validation = Validation(
         passed=False,
         samples=8,
-        runtime="onnxruntime ORT_DISABLE_ALL",
+        runtime="onnxruntime CPU, ORT_DISABLE_ALL",
         outputs=(
             OutputMetrics(
                 name="logits",
@@ -184,7 +184,7 @@ def test_render_before_after_validation_and_latency_numbers() -> None:
     assert "1,000" in out and "900" in out and "40.0 KiB" in out and "36.0 KiB" in out
     assert "-100 (-10.0%)" in out
     assert "non-trainable" in out
-    assert "Validation FAILED" in out and "onnxruntime ORT_DISABLE_ALL" in out
+    assert "Validation FAILED: onnxruntime CPU, ORT_DISABLE_ALL, 8 run(s)" in out
     assert "3.2e-06" in out  # max abs error of logits
     assert "1-1.0e-08" in out  # cosine just below 1
     assert "100.0%" in out  # top-1
@@ -201,6 +201,45 @@ def test_render_before_after_validation_and_latency_numbers() -> None:
     assert "warning: rolled back 1 fold(s): bn2" in out
     assert "onnxruntime already folds Conv+BatchNormalization" in out
     assert "batch 64 skipped" in out
+
+
+def test_ort_note_sits_right_under_the_latency_table() -> None:
+    assert "at ORT_ENABLE_BASIC and above, including the default ORT_ENABLE_ALL" in ORT_FOLDS_NOTE
+    console = Console(record=True, width=400, color_system=None)
+    report.render(full_result(), console)
+    lines = [line.strip() for line in console.export_text().splitlines()]
+    note = lines.index(f"note: {ORT_FOLDS_NOTE}")
+    last_row = max(i for i, line in enumerate(lines) if line.endswith("123+123"))  # runs
+    assert lines[last_row].startswith("onnxruntime ORT_ENABLE_ALL")  # the latency table's
+    assert note == last_row + 1
+    notes_at = lines.index("Notes")
+    assert note < notes_at
+    assert not any("already folds" in line for line in lines[notes_at:])
+    assert "note: batch 64 skipped" in "\n".join(lines[notes_at:])  # other notes stay
+
+    md = report.to_markdown(full_result()).splitlines()
+    note = md.index(f"- note: {ORT_FOLDS_NOTE}")
+    assert md[note - 1] == "" and md[note - 2].startswith("| onnxruntime ORT_ENABLE_ALL |")
+    assert not any("already folds" in line for line in md[md.index("## Notes") :])
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_latency_columns_say_which_model(verbose: bool) -> None:
+    md = report.to_markdown(full_result(), verbose=verbose)
+    header = next(line for line in md.splitlines() if line.startswith("| runtime |"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert "p90" not in cells
+    assert cells.index("orig p90") < cells.index("fused median ms") < cells.index("fused p90")
+    if verbose:
+        assert {"orig p99", "fused p99", "orig mean ± std", "fused mean ± std"} <= set(cells)
+    lines = md.splitlines()
+    headers = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("|---")]
+    assert header in headers
+    for h in headers:  # no table has two columns with the same header
+        named = [c.strip() for c in h.strip("|").split("|") if c.strip()]
+        assert len(named) == len(set(named)), h
+    out = rendered(full_result(), verbose=verbose)
+    assert "orig p90" in out and "fused p90" in out
 
 
 def test_render_verbose_adds_detail() -> None:

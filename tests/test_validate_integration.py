@@ -183,6 +183,37 @@ def test_force_writes_despite_failure(
     assert result.written and out.exists()
 
 
+def test_failed_validation_skips_the_benchmark_unless_forced(
+    model_path: Path, tmp_path: Path, corrupt_bn2: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bnfuse.bench
+
+    timed: list[int] = []
+    real_run = bnfuse.bench.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        timed.append(1)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(bnfuse.bench, "run", run)
+    out = tmp_path / "fused.onnx"
+    with pytest.raises(ValidationError) as exc:
+        bnfuse.fuse(model_path, out, bench=True, bench_seconds=0.2)
+    res = exc.value.result
+    assert res is not None and res.bench is None and not out.exists()
+    assert timed == []  # nothing is written: the fused model is not timed either
+    assert "benchmark skipped: validation failed (--force writes and times it anyway)" in (
+        res.warnings
+    )
+    assert "benchmark skipped" in report.to_markdown(res)
+
+    forced = bnfuse.fuse(model_path, out, bench=True, bench_seconds=0.2, force=True)
+    assert forced.validation is not None and not forced.validation.passed
+    assert timed == [1] and forced.bench is not None and forced.bench.rows
+    assert forced.written and out.exists()
+    assert not any("benchmark skipped" in w for w in forced.warnings)
+
+
 def test_real_inputs_from_npz(model_path: Path, tmp_path: Path) -> None:
     data = tmp_path / "x.npz"
     np.savez(data, x=np.random.default_rng(2).standard_normal((4, 3, 8, 8)))  # float64
