@@ -914,6 +914,29 @@ def checks(results: list[CaseResult]) -> list[Check]:
                         f"(ratio {ratio:.2f})",
                     )
                 )
+            # the same target among the peers that do the same work: leave no more BN/affine
+            # nodes than bnfuse (a tool that folds nothing is fast at it)
+            same_work = {
+                t: r.fold_ms
+                for t, r in peers.items()
+                if r.left is not None and b.left is not None and r.left <= b.left
+            }
+            names, fastest = _best(same_work)
+            if b.fold_ms is not None:
+                if fastest is None:
+                    detail = f"no peer folds as much as bnfuse (bnfuse {b.left} left)"
+                    out.append(Check("time-same-work", label, None, detail))
+                else:
+                    ratio = b.fold_ms / fastest
+                    out.append(
+                        Check(
+                            "time-same-work",
+                            label,
+                            ratio <= 1.0,
+                            f"bnfuse {b.fold_ms:.1f} ms, fastest peer leaving no more "
+                            f"({b.left}) {names[0]} {fastest:.1f} ms (ratio {ratio:.2f})",
+                        )
+                    )
             names, best_err = _best({t: r.err_abs for t, r in peers.items()})
             if best_err is not None and b.err_abs is not None:
                 tol = err_tol(o)
@@ -992,6 +1015,10 @@ TARGETS = {
     "nodes": "BN/affine nodes left: bnfuse <= best peer",
     "strict": "strictly fewer where bnfuse folds Gemm/MatMul/ConvTranspose or forward",
     "time": "fold wall time: bnfuse <= fastest peer (ratio <= 1.0)",
+    "time-same-work": (
+        "fold wall time: bnfuse <= fastest peer among those leaving no more BN/affine nodes "
+        "(where any does)"
+    ),
     "error": "max abs error vs float64: bnfuse <= best peer + tolerance",
     "latency": "ORT_ENABLE_ALL latency: bnfuse output no slower than the original",
     "keras latency": "tf.function latency: fused Keras model no slower than the original",

@@ -142,9 +142,34 @@ def to_bytes(model: onnx.ModelProto, payloads: Payloads | None = None) -> bytes:
     return b"".join(chunks(model, payloads))
 
 
+#: pieces smaller than this are gathered and written together (one system call per
+#: batch instead of one per tensor header: a small model is written in one go)
+_BATCH = 1 << 20
+
+
 def write(model: onnx.ModelProto, path: str | Path, payloads: Payloads | None = None) -> None:
     """Serialize ``model`` (placeholders filled from ``payloads``) into the file ``path``
-    (created or truncated), one piece at a time."""
+    (created or truncated): large pieces straight from where they are, small ones
+    gathered."""
     with open(path, "wb") as f:
+        small: list[Chunk] = []
+        size = 0
         for piece in chunks(model, payloads, reuse=True):
-            f.write(piece)
+            n = _size(piece)
+            if n >= _BATCH:
+                if small:
+                    f.write(b"".join(small))
+                    small, size = [], 0
+                f.write(piece)  # (a reused block is written before the next is computed)
+                continue
+            small.append(bytes(piece) if isinstance(piece, memoryview) else piece)
+            size += n
+            if size >= _BATCH:
+                f.write(b"".join(small))
+                small, size = [], 0
+        if small:
+            f.write(b"".join(small))
+
+
+def _size(piece: Chunk) -> int:
+    return piece.nbytes if isinstance(piece, memoryview) else len(piece)
