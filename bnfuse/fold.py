@@ -102,20 +102,25 @@ def check_bn(
 ) -> str | None:
     """None when the BN statistics fold to a finite affine, else a user-readable reason."""
     arrays = {"mean": mean, "variance": var, "gamma": gamma, "beta": beta}
-    for label, arr in arrays.items():
-        if arr is not None and not np.all(np.isfinite(np.asarray(arr, dtype=np.float64))):
-            return f"non-finite BN {label} (NaN or Inf)"
-    if not np.isfinite(eps):
+    given = {
+        label: np.asarray(arr, dtype=np.float64).reshape(-1)
+        for label, arr in arrays.items()
+        if arr is not None
+    }
+    if not np.isfinite(np.concatenate(list(given.values()))).all():  # one pass, then which
+        for label, arr in given.items():
+            if not np.isfinite(arr).all():
+                return f"non-finite BN {label} (NaN or Inf)"
+    if not math.isfinite(eps):
         return "non-finite BN epsilon"
-    v = np.asarray(var, dtype=np.float64).reshape(-1) + float(eps)
-    if np.any(v <= 0):
+    if (given["variance"] + float(eps) <= 0).any():
         return "variance + epsilon <= 0: BN is undefined"
     return check_affine(bn_affine(mean, var, eps, gamma, beta))
 
 
 def check_affine(aff: Affine) -> str | None:
     """None when the affine is finite, else a user-readable reason."""
-    if not (np.all(np.isfinite(aff.scale)) and np.all(np.isfinite(aff.shift))):
+    if not (np.isfinite(aff.scale).all() and np.isfinite(aff.shift).all()):
         return "BN folds to a non-finite scale or shift"
     return None
 
