@@ -314,16 +314,52 @@ def fold_forward(
     """
     b = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (out_channels,)).copy()
-    # float64 throughout: the weight is widened element by element (exact) in each pass
-    contrib = np.multiply(weight, _gather(aff.shift, in_map), dtype=np.float64)
-    if out_map.ndim == contrib.ndim:
+    b += _weighted_sums(weight, _gather(aff.shift, in_map), out_map, out_channels)
+    return _scaled(weight, _gather(aff.scale, in_map), weight_dtype, lazy), b
+
+
+def _weighted_sums(
+    weight: NDArray[np.generic], factor: F64, out_map: NDArray[np.int64], out_channels: int
+) -> F64:
+    """``sum(weight[e] * factor[e] for every e with out_map[e] == o)`` for each ``o``.
+
+    float64 throughout (the weight is widened element by element, exactly), computed in
+    blocks of rows of about :data:`BLOCK_BYTES` of float64 products: no product array
+    the size of the weight (fresh memory to fault in, the costly part on a large layer).
+    """
+    nd = weight.ndim
+
+    def lift(a: NDArray[Any]) -> NDArray[Any]:  # leading 1-dims up to the weight's rank
+        return a.reshape((1,) * (nd - a.ndim) + a.shape)
+
+    def counts(index: NDArray[Any], weights: F64) -> F64:  # float64 with weights
+        return np.asarray(
+            np.bincount(index, weights=weights, minlength=out_channels), dtype=np.float64
+        )
+
+    if nd == 0:
+        product = np.multiply(weight, factor, dtype=np.float64)
+        return counts(np.asarray(out_map).reshape(-1), product.reshape(-1))
+    fac, om = lift(np.asarray(factor)), lift(np.asarray(out_map))
+    rows = weight.shape[0]
+    step = max(1, BLOCK_BYTES // (8 * max(1, math.prod(weight.shape[1:]))))
+    total = np.zeros(out_channels)
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        f = fac[lo:hi] if fac.shape[0] != 1 else fac
+        o = om[lo:hi] if om.shape[0] != 1 else om
+        contrib = np.multiply(weight[lo:hi], f, dtype=np.float64)
         # out_map is constant along the axes it broadcasts over: sum those first
-        axes = tuple(i for i, d in enumerate(out_map.shape) if d == 1 and contrib.shape[i] != 1)
+        axes = tuple(i for i, d in enumerate(o.shape) if d == 1 and contrib.shape[i] != 1)
         if axes:
             contrib = contrib.sum(axis=axes, keepdims=True)
-    full_out = np.broadcast_to(out_map, contrib.shape)
-    b += np.bincount(full_out.ravel(), weights=contrib.ravel(), minlength=out_channels)
-    return _scaled(weight, _gather(aff.scale, in_map), weight_dtype, lazy), b
+        sums = counts(np.broadcast_to(o, contrib.shape).ravel(), contrib.ravel())
+        if len(sums) > len(total):  # an out_map beyond out_channels (bincount grows)
+            sums[: len(total)] += total
+            total = sums
+        else:
+            total[: len(sums)] += sums
+    return total
 
 
 def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:

@@ -546,6 +546,29 @@ def test_fold_forward_valid_grouped_conv(data: st.DataObject) -> None:
 
 
 @FAST
+@given(data=st.data(), block=st.sampled_from([8, 64, 256]))
+def test_fold_forward_bias_is_the_same_in_small_blocks(data: st.DataObject, block: int) -> None:
+    """The forward bias is summed in blocks of rows (no weight-sized float64 product);
+    tiny blocks must give the one-block sums (up to float64 summation order)."""
+    from unittest import mock
+
+    import bnfuse.fold as fold
+
+    c = data.draw(forward_convs())
+    bn = data.draw(bns(c["cin"]))
+    _, whole = _conv_forward(c, bn.affine())
+    with mock.patch.object(fold, "BLOCK_BYTES", block):
+        _, blocked = _conv_forward(c, bn.affine())
+    product = np.abs(c["w"]) * np.abs(bn.affine().shift[c["in_map"]])
+    bound = np.bincount(
+        np.broadcast_to(c["out_map"], c["w"].shape).ravel(),
+        weights=product.ravel(),
+        minlength=c["cout"],
+    )
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-12 * (1 + bound.max()))
+
+
+@FAST
 @given(data=st.data(), pads=st.integers(1, 2), shift_seed=seeds)
 def test_fold_forward_padded_conv_with_shift_is_wrong(
     data: st.DataObject, pads: int, shift_seed: int
