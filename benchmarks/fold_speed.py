@@ -438,7 +438,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="small subset (models.QUICK), 3 reps")
     p.add_argument("--models", help="comma-separated model names (default: all)")
-    p.add_argument("--reps", type=int, help="timed runs per tool and model (default 5, quick 3)")
+    p.add_argument("--reps", type=int, help="timed runs per tool and model (default 11, quick 3)")
     p.add_argument(
         "--results",
         type=Path,
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         names = list(bench_models.QUICK if args.quick else bench_models.MODELS)
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (3 if args.quick else 11)
     if reps < 1:
         print("--reps must be at least 1", file=sys.stderr)
         return 2

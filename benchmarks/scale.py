@@ -592,15 +592,20 @@ def phase_rows(run: Run, weights: int, base: int) -> list[str]:
 
 
 PHASE_DOC = {
-    "load": "read the header, check locations, read every tensor into the proto (+ stats)",
-    "fold": "shape inference on a skeleton, then the folds: in the loaded model itself when "
-    "nothing needs the original (`fold` mode), else in a lazy copy materialized at the end",
-    "ort_original": "onnxruntime session of the original, from its file path",
-    "ort_fused": "fused model written to a temporary header + data file, "
-    "onnxruntime session from that path",
+    "load": "read the header, check locations, map the data file read-only: every weight "
+    "is a placeholder for a span of the map, nothing is read (+ stats)",
+    "fold": "shape inference on the (light) model, then the folds: weights read as views of "
+    "the map, folded weights kept as products computed while they are written; in the "
+    "loaded model itself when nothing needs the original (`fold` mode), else in a copy "
+    "of its skeleton",
+    "ort_original": "onnxruntime session of the original, from its file path (bnfuse first "
+    "lets go of the mapped pages it touched)",
+    "ort_fused": "fused model streamed to a temporary header + data file, onnxruntime "
+    "session from that path (it maps the data)",
     "compare": "validation runs on both sessions",
     "bisect": "bisection of failing folds",
-    "save": "atomic write of header + .data beside it (+ stats)",
+    "save": "atomic write of header + .data beside it, weights streamed from the map and "
+    "computed block by block (+ stats)",
 }
 
 
