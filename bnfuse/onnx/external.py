@@ -6,13 +6,16 @@ as bytes), so its tensors live in a data file beside it. This module
 * checks every external ``location`` before anything is read: it must be a relative path
   inside the model's directory (no absolute path, no ``..``, no symlink leading out), the
   file must exist and be long enough;
-* reads the data tensor by tensor (one tensor's bytes in flight at a time);
-* writes a model as a small header plus one data file, again tensor by tensor, without
-  modifying the in-memory model and without serializing it whole;
+* maps the data files read-only: main-graph weights become placeholders for spans of the
+  map (:mod:`bnfuse.onnx.payloads`), nothing is read at load; other external tensors
+  are read tensor by tensor;
+* writes a model as a small header plus one data file, again tensor by tensor (the
+  placeholders straight from their store), without modifying the in-memory model and
+  without serializing it whole;
 * builds a *skeleton* copy (every field, but no large tensor payload) for work that only
   needs structure and shapes, such as ONNX shape inference.
 
-So a fold holds about two copies of the weights (the original and the fused model).
+So a fold holds about one copy of the weights: the mapped pages it reads.
 """
 
 from __future__ import annotations
