@@ -80,7 +80,9 @@ def _split(data: bytes) -> tuple[onnx.ModelProto, Payloads]:
     cut = wire.split(data, LOCATION, LIMIT)
     assert cut is not None
     skeleton, spans = cut
-    return onnx.load_model_from_string(skeleton), Payloads(Span(data, a, b) for a, b in spans)
+    return onnx.load_model_from_string(skeleton), Payloads(
+        Span(data, a, b, (t0, t1)) for a, b, t0, t1 in spans
+    )
 
 
 @PROPS

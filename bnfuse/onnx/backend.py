@@ -38,17 +38,22 @@ FILE_PATH_THRESHOLD = 2_000_000_000
 RUN_FROM_FILE_THRESHOLD = 32 << 20
 
 
-def model_bytes(model: onnx.ModelProto) -> int:
+def model_bytes(model: onnx.ModelProto, tensors: Sequence[onnx.TensorProto] | None = None) -> int:
     """The model's approximate serialized size: its tensors' payloads plus 1 KiB a node.
 
-    (``ByteSize()`` would serialize the whole model to count.)
+    (``ByteSize()`` would serialize the whole model to count.) ``tensors``: every tensor of
+    the model (:func:`~bnfuse.onnx.external.iter_tensors`), when the caller has them.
     """
     nodes = len(model.graph.node) + sum(len(f.node) for f in model.functions)
-    return sum(external.payload_bytes(t) for t in external.iter_tensors(model)) + 1024 * nodes
+    every = tensors if tensors is not None else external.iter_tensors(model)
+    return sum(external.payload_bytes(t) for t in every) + 1024 * nodes
 
 
-def _large(model: onnx.ModelProto) -> bool:
-    return model_bytes(model) >= FILE_PATH_THRESHOLD
+def _tensors(model: onnx.ModelProto) -> tuple[list[onnx.TensorProto], list[onnx.TensorProto]]:
+    """Every tensor of ``model`` (one walk), and those that are not main-graph initializers
+    (:func:`~bnfuse.onnx.external.iter_tensors` yields those first)."""
+    every = list(external.iter_tensors(model))
+    return every, every[len(model.graph.initializer) :]
 
 
 @dataclass(eq=False)
@@ -63,6 +68,9 @@ class OnnxModel:
     proto: onnx.ModelProto
     payloads: Payloads | None = None
     source: Path | None = None
+    #: (nodes, BN nodes, parameters), counted once (the backend never changes a model it
+    #: has handed out; an in-place fold makes a new OnnxModel)
+    counts: tuple[int, int, int] | None = None
 
 
 def _wrap(model: onnx.ModelProto | OnnxModel) -> OnnxModel:
@@ -96,11 +104,12 @@ def _session_source(model: OnnxModel) -> tuple[str | bytes, _ModelFile | None]:
     this process touched are let go (:meth:`Payloads.release_pages`)."""
     source: str | bytes
     tmp = None
-    size = model_bytes(model.proto)
+    every, nested = _tensors(model.proto)
+    size = model_bytes(model.proto, every)
     if model.source is not None:
         source = str(model.source)
     elif size < RUN_FROM_FILE_THRESHOLD and size < FILE_PATH_THRESHOLD:
-        source = serialize.to_bytes(model.proto, model.payloads)
+        source = serialize.to_bytes(model.proto, model.payloads, nested)
     else:
         tmp = _ModelFile(model.proto, model.payloads)
         source = str(tmp.path)
@@ -137,27 +146,12 @@ def _parse(data: bytes | mmap.mmap) -> tuple[onnx.ModelProto, Payloads | None]:
         except Exception:  # let the ordinary parse below say what is wrong
             pass
         else:
-            payloads = Payloads(Span(data, start, end) for start, end in spans)
+            payloads = Payloads(Span(data, a, b, (t0, t1)) for a, b, t0, t1 in spans)
             for t in model.graph.initializer:  # element types without a raw numpy form
                 if is_placeholder(t) and raw_dtype(t.data_type) is None:
                     payloads.fill(t)
             return model, payloads
     return onnx.load_model_from_string(data if isinstance(data, bytes) else data[:]), None
-
-
-def _placeholder_reason(model: onnx.ModelProto, payloads: Payloads) -> str | None:
-    """The first placeholder whose payload does not match its shape, as a reason."""
-    for t in model.graph.initializer:
-        size = payloads.nbytes(t) if is_placeholder(t) else None
-        if size is None:
-            continue
-        if any(int(d) < 0 for d in t.dims):
-            return f"tensor {t.name!r} has a negative dimension"
-        dt = raw_dtype(t.data_type)
-        need = math.prod(int(d) for d in t.dims) * (dt.itemsize if dt is not None else 0)
-        if size != need:
-            return f"tensor {t.name!r} holds {size} bytes but its shape {list(t.dims)} needs {need}"
-    return None
 
 
 def _ort() -> Any:
@@ -311,15 +305,16 @@ class OnnxBackend:
         del data  # the payload store keeps what it needs
         self._check_model(model, path)
         store = payloads if payloads is not None else Payloads()
+        tensors = list(external.iter_tensors(model))  # one walk for the checks below
         try:
-            files = external.load_external(model, path, store)
+            files = external.load_external(model, path, store, tensors)
         except ModelLoadError:
             raise
         except Exception as exc:
             raise ModelLoadError(
                 f"{path}: cannot read external data ({first_line(exc, 200)})"
             ) from None
-        reason = _placeholder_reason(model, store) or external.check_payloads(model)
+        reason = external.check_payloads(model, store, tensors)
         if reason:
             raise ModelLoadError(f"{path}: damaged ONNX model ({reason})")
         if files:
@@ -384,7 +379,10 @@ class OnnxBackend:
 
     def stats(self, model: onnx.ModelProto | OnnxModel, path: Path | None = None) -> ModelStats:
         """Counts; the file size includes the external data files beside ``path``."""
-        nodes, bns, params = _count(_wrap(model).proto)
+        m = _wrap(model)
+        if m.counts is None:
+            m.counts = _count(m.proto)
+        nodes, bns, params = m.counts
         size = None
         if path is not None and Path(path).exists():
             size = Path(path).stat().st_size
@@ -414,11 +412,12 @@ class OnnxBackend:
         protobuf, is written as ``path`` plus ``<name>.data`` beside it (relative location)."""
         path = Path(path)
         m = _wrap(model)
-        if external.uses_external_data(m.proto):
+        every, nested = _tensors(m.proto)
+        if any(external.is_external(t) for t in every):
             raise UnsupportedModelError(
                 "the model refers to external data that was never loaded; cannot save it"
             )
-        if self._loaded or _large(m.proto):
+        if self._loaded or model_bytes(m.proto, every) >= FILE_PATH_THRESHOLD:
             data = path.with_name(external.data_name(path)).resolve()
             for src, files in self._loaded:
                 if str(data) in {os.path.realpath(f) for f in files}:
@@ -430,7 +429,7 @@ class OnnxBackend:
             self._data_files[path.resolve()] = [written]
             return
         with atomic_path(path) as tmp:
-            serialize.write(m.proto, tmp, m.payloads)
+            serialize.write(m.proto, tmp, m.payloads, nested)
         self._data_files.pop(path.resolve(), None)
 
 

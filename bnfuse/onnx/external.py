@@ -158,27 +158,43 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
     return list(seen)
 
 
+_STRING = onnx.TensorProto.DESCRIPTOR.fields[0].TYPE_STRING
+_MESSAGE = onnx.TensorProto.DESCRIPTOR.fields[0].TYPE_MESSAGE
+
+
 def check_text(msg: Any) -> None:
     """Check that every text field is valid UTF-8 (raises UnicodeError otherwise).
 
     Protobuf does not check UTF-8 when it parses ONNX's proto2 messages; an invalid name
     reads back as ``bytes`` and breaks later, when the pass writes it. Tensors are
-    visited without touching their payload.
+    visited without touching their payload. (``"".join`` of the texts is the fast test:
+    it fails on a ``bytes`` element.)
     """
     if msg.DESCRIPTOR.name == "TensorProto":
         texts = [msg.name, msg.doc_string]
         texts += [x for e in msg.external_data for x in (e.key, e.value)]
-        if not all(isinstance(x, str) for x in texts):
-            raise UnicodeError(f"tensor name or metadata is not valid UTF-8: {texts[0]!r}")
+        try:
+            "".join(texts)
+        except TypeError:
+            raise UnicodeError(
+                f"tensor name or metadata is not valid UTF-8: {texts[0]!r}"
+            ) from None
         return
     for fd, value in msg.ListFields():
-        if fd.type == fd.TYPE_STRING:
-            texts = list(value) if fd.is_repeated else [value]
-            if not all(isinstance(x, str) for x in texts):
-                raise UnicodeError(f"{msg.DESCRIPTOR.name}.{fd.name} is not valid UTF-8 text")
-        elif fd.type == fd.TYPE_MESSAGE:
-            for item in value if fd.is_repeated else (value,):
-                check_text(item)
+        kind = fd.type
+        if kind == _STRING:
+            try:
+                "".join(value) if fd.is_repeated else "".join((value,))
+            except TypeError:
+                raise UnicodeError(
+                    f"{msg.DESCRIPTOR.name}.{fd.name} is not valid UTF-8 text"
+                ) from None
+        elif kind == _MESSAGE:
+            if fd.is_repeated:
+                for item in value:
+                    check_text(item)
+            else:
+                check_text(value)
 
 
 _T = onnx.TensorProto
@@ -212,15 +228,23 @@ _FIELDS: dict[str, dict[int, int]] = {
 RAW_CHECK_LIMIT = 1 << 20
 
 
-def payload_reason(t: onnx.TensorProto) -> str | None:
+def payload_reason(t: onnx.TensorProto, payloads: Payloads | None = None) -> str | None:
     """None when a tensor's stored data matches its shape and type (or cannot be checked
     cheaply: external, packed 4-bit/8-bit float types, raw payloads of
-    ``RAW_CHECK_LIMIT`` bytes or more), else why not."""
-    if t.data_location == _EXTERNAL:
+    ``RAW_CHECK_LIMIT`` bytes or more), else why not. A placeholder of ``payloads`` is
+    checked against the size of its payload (known without reading it)."""
+    size = payloads.nbytes(t) if payloads is not None and t.data_location == _EXTERNAL else None
+    if t.data_location == _EXTERNAL and size is None:
         return None
     if any(int(d) < 0 for d in t.dims):
         return f"tensor {t.name!r} has a negative dimension"
     n = _elements(t)
+    if size is not None:
+        dt = raw_dtype(t.data_type)
+        need = n * (dt.itemsize if dt is not None else 0)
+        if size != need:
+            return f"tensor {t.name!r} holds {size} bytes but its shape {list(t.dims)} needs {need}"
+        return None
     if t.HasField("raw_data"):
         if t.data_type in _RAW_TYPES:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
@@ -245,10 +269,15 @@ def payload_reason(t: onnx.TensorProto) -> str | None:
     return None
 
 
-def check_payloads(model: onnx.ModelProto) -> str | None:
-    """The first tensor whose data does not match its shape, as a reason; else None."""
-    for t in iter_tensors(model):
-        reason = payload_reason(t)
+def check_payloads(
+    model: onnx.ModelProto,
+    payloads: Payloads | None = None,
+    tensors: Iterable[onnx.TensorProto] | None = None,
+) -> str | None:
+    """The first tensor whose data does not match its shape (placeholders of ``payloads``
+    included), as a reason; else None. ``tensors``: the model's tensors, if at hand."""
+    for t in tensors if tensors is not None else iter_tensors(model):
+        reason = payload_reason(t, payloads)
         if reason:
             return reason
     return None
@@ -291,15 +320,18 @@ def _resolve(location: str, base: str, t: onnx.TensorProto, source: Path) -> str
     return full
 
 
-def check_locations(model: onnx.ModelProto, source: Path) -> dict[str, int]:
-    """Validate every external reference of ``model`` (stored at ``source``) before reading.
+def check_locations(
+    model: onnx.ModelProto, source: Path, tensors: Iterable[onnx.TensorProto] | None = None
+) -> dict[str, int]:
+    """Validate every external reference of ``model`` (stored at ``source``) before reading
+    (``tensors``: its external tensors, when the caller has them already).
 
     Returns ``{real path: size}`` of the data files. Raises ModelLoadError for a location
     outside the model's directory, a missing file, or offsets/lengths beyond its end.
     """
     base = os.path.realpath(Path(source).parent)
     files: dict[str, int] = {}
-    for t in iter_tensors(model):
+    for t in tensors if tensors is not None else iter_tensors(model):
         if not is_external(t):
             continue
         info = _info(t)
@@ -323,31 +355,35 @@ def check_locations(model: onnx.ModelProto, source: Path) -> dict[str, int]:
 
 
 def load_external(
-    model: onnx.ModelProto, source: Path, payloads: Payloads | None = None
+    model: onnx.ModelProto,
+    source: Path,
+    payloads: Payloads | None = None,
+    tensors: list[onnx.TensorProto] | None = None,
 ) -> list[str]:
     """Check (see :func:`check_locations`), then load every external tensor.
 
     With ``payloads``, a main-graph initializer of a plain numeric type becomes a
     placeholder for its bytes in a read-only memory map of the data file (nothing is read
     now; folds read it as a numpy view, the writer streams it); every other external
-    tensor is read into memory. Returns the real paths of the data files.
+    tensor is read into memory. ``tensors``: every tensor of the model, when the caller
+    has them already (:func:`iter_tensors`). Returns the real paths of the data files.
     """
-    files = check_locations(model, source)
-    if not files:
+    inits = list(model.graph.initializer)  # alive while ``mapped`` holds their ids
+    every = tensors if tensors is not None else list(iter_tensors(model))
+    externals = [t for t in every if is_external(t)]
+    if not externals:
         return []
+    files = check_locations(model, source, externals)
     base = os.path.realpath(Path(source).parent)
     handles: dict[str, Any] = {}
     maps: dict[str, mmap.mmap | None] = {}
-    inits = list(model.graph.initializer)  # alive while ``mapped`` holds their ids
     mapped = (
         {id(t) for t in inits if raw_dtype(t.data_type) is not None}
         if payloads is not None
         else set()
     )
     try:
-        for t in inits + list(iter_tensors(model, False)):
-            if not is_external(t):
-                continue
+        for t in externals:
             info = _info(t)
             full = _resolve(info.get("location", ""), base, t, source)
             f = handles.get(full)

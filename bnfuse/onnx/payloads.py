@@ -79,11 +79,19 @@ RAW_TYPES = frozenset(_DTYPES) | {_T.BFLOAT16}
 @dataclass(frozen=True)
 class Span:
     """``buf[start:end]``: a payload inside the bytes (or read-only memory map) of a
-    model file."""
+    model file.
+
+    ``whole`` locates the entire serialized tensor the payload came from, when the file
+    holds it in one piece (an initializer the wire reader cut out). A placeholder whose
+    entry is still this span is that tensor unchanged (every change of a placeholder's
+    data, dims or type goes through :meth:`Payloads.assign`, which gives it a new entry;
+    nothing renames an initializer), so the writer copies those bytes as they are.
+    """
 
     buf: bytes | mmap.mmap
     start: int
     end: int
+    whole: tuple[int, int] | None = None
 
     def view(self) -> memoryview:
         """The payload, without copying it."""
@@ -161,6 +169,14 @@ class Payloads:
             return e.end - e.start
         if isinstance(e, np.ndarray | Scaled):
             return int(e.nbytes)
+        return None
+
+    def original(self, t: onnx.TensorProto) -> memoryview | None:
+        """The serialized bytes of placeholder ``t`` as the file holds them, when ``t``
+        is an unchanged tensor cut out of a file (see :class:`Span`), else None."""
+        e = self.entry(t)
+        if isinstance(e, Span) and e.whole is not None:
+            return memoryview(e.buf)[e.whole[0] : e.whole[1]]
         return None
 
     def array(self, t: onnx.TensorProto) -> np.ndarray:

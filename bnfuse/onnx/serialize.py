@@ -83,14 +83,24 @@ def _placeholder(
 
 
 def chunks(
-    model: onnx.ModelProto, payloads: Payloads | None = None, reuse: bool = False
+    model: onnx.ModelProto,
+    payloads: Payloads | None = None,
+    reuse: bool = False,
+    nested: Iterable[onnx.TensorProto] | None = None,
 ) -> Iterator[Chunk]:
     """The serialized model as consecutive byte strings (or views) whose concatenation
     parses to ``model``, its placeholders filled from ``payloads`` (see the module
     docstring). With ``reuse``, pieces of a computed weight share one buffer: consume
-    each before taking the next (as a file write does)."""
+    each before taking the next (as a file write does). ``nested``: the model's tensors
+    other than its main-graph initializers, when the caller has them."""
     if payloads is not None:
-        _fill_nested(model, payloads)
+        # placeholders are written from the store only as main-graph initializers: any
+        # elsewhere (subgraphs, Constant nodes, functions) are filled into the model first
+        if nested is None:
+            from bnfuse.onnx.external import iter_tensors
+
+            nested = iter_tensors(model, main_initializers=False)
+        payloads.materialize(nested)
     if (
         not model.HasField("graph")
         or _has_unknown_fields(model)
@@ -110,8 +120,13 @@ def chunks(
     body: list[tuple[bytes, Iterable[Chunk], bytes]] = []
     graph_size = len(light_bytes)
     for tensor in graph.initializer:
+        data: Iterable[Chunk]
         if payloads is not None and is_placeholder(tensor):
-            pre, size, data, post = _placeholder(tensor, payloads, reuse)
+            as_read = payloads.original(tensor)
+            if as_read is not None:  # unchanged since it was read: its bytes as they are
+                pre, size, data, post = b"", as_read.nbytes, (as_read,), b""
+            else:
+                pre, size, data, post = _placeholder(tensor, payloads, reuse)
         else:
             pre, size, data, post = tensor.SerializeToString(), 0, (), b""
         tensor_size = len(pre) + size + len(post)
@@ -128,18 +143,14 @@ def chunks(
             yield post
 
 
-def _fill_nested(model: onnx.ModelProto, payloads: Payloads) -> None:
-    """Placeholders are written from the store only as main-graph initializers: fill any
-    elsewhere (subgraphs, Constant nodes, functions) into the model first."""
-    from bnfuse.onnx.external import iter_tensors
-
-    payloads.materialize(iter_tensors(model, main_initializers=False))
-
-
-def to_bytes(model: onnx.ModelProto, payloads: Payloads | None = None) -> bytes:
+def to_bytes(
+    model: onnx.ModelProto,
+    payloads: Payloads | None = None,
+    nested: Iterable[onnx.TensorProto] | None = None,
+) -> bytes:
     """``model.SerializeToString()`` with its placeholders filled from ``payloads``,
-    faster for models with large initializers."""
-    return b"".join(chunks(model, payloads))
+    faster for models with large initializers (``nested``: see :func:`chunks`)."""
+    return b"".join(chunks(model, payloads, nested=nested))
 
 
 #: pieces smaller than this are gathered and written together (one system call per
@@ -147,14 +158,19 @@ def to_bytes(model: onnx.ModelProto, payloads: Payloads | None = None) -> bytes:
 _BATCH = 1 << 20
 
 
-def write(model: onnx.ModelProto, path: str | Path, payloads: Payloads | None = None) -> None:
+def write(
+    model: onnx.ModelProto,
+    path: str | Path,
+    payloads: Payloads | None = None,
+    nested: Iterable[onnx.TensorProto] | None = None,
+) -> None:
     """Serialize ``model`` (placeholders filled from ``payloads``) into the file ``path``
     (created or truncated): large pieces straight from where they are, small ones
     gathered."""
     with open(path, "wb") as f:
         small: list[Chunk] = []
         size = 0
-        for piece in chunks(model, payloads, reuse=True):
+        for piece in chunks(model, payloads, reuse=True, nested=nested):
             n = _size(piece)
             if n >= _BATCH:
                 if small:

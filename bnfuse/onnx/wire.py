@@ -131,14 +131,17 @@ def _plain_payload(buf: Buffer, start: int, end: int) -> tuple[int, int, int] | 
     return raw
 
 
-def split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[int, int]]] | None:
+def split(
+    data: Buffer, location: str, limit: int
+) -> tuple[bytes, list[tuple[int, int, int, int]]] | None:
     """Cut a serialized ModelProto into a skeleton and its large weights.
 
     Every main-graph initializer whose data is a ``raw_data`` payload of ``limit`` bytes
     or more is replaced by the same tensor without ``raw_data``, marked as placeholder
     ``i`` the way :meth:`bnfuse.onnx.payloads.Payloads.mark` marks one (``external_data``
-    ``location``, ``offset: i``, then ``data_location = EXTERNAL``); ``spans[i] = (start,
-    end)`` locates its payload in ``data``. Everything else is copied byte for byte. Returns None when the
+    ``location``, ``offset: i``, then ``data_location = EXTERNAL``); ``spans[i] =
+    (start, end, tensor start, tensor end)`` locates its payload, and the whole tensor
+    message, in ``data``. Everything else is copied byte for byte. Returns None when the
     bytes are not the plain shape this handles (see the module docstring).
     """
     try:
@@ -147,7 +150,9 @@ def split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[in
         return None
 
 
-def _split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[int, int]]] | None:
+def _split(
+    data: Buffer, location: str, limit: int
+) -> tuple[bytes, list[tuple[int, int, int, int]]] | None:
     view = memoryview(data)
     graph: tuple[int, int, int] | None = None
     for number, wire_type, f0, v0, v1 in fields(data, 0, len(data)):
@@ -162,7 +167,7 @@ def _split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[i
     external = tag(_T_DATA_LOCATION, _VARINT) + varint(1)
     init_tag = tag(_GRAPH_INITIALIZER, _LEN)
     body: list[bytes | memoryview] = []
-    spans: list[tuple[int, int]] = []
+    spans: list[tuple[int, int, int, int]] = []
     copied = g0  # graph bytes before this position are in ``body`` already
     for number, wire_type, f0, v0, v1 in fields(data, g0, g1):
         if number != _GRAPH_INITIALIZER or wire_type != _LEN:
@@ -173,7 +178,7 @@ def _split(data: Buffer, location: str, limit: int) -> tuple[bytes, list[tuple[i
         # the tensor's fields before and after raw_data, verbatim, then the marks
         marks = where + _entry("offset", str(len(spans))) + external
         size = (raw[0] - v0) + (v1 - raw[2]) + len(marks)
-        spans.append((raw[1], raw[2]))
+        spans.append((raw[1], raw[2], v0, v1))
         body += (
             view[copied:f0],
             init_tag + varint(size),
