@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -146,3 +146,25 @@ def assert_close(
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
         scale = max(1.0, float(np.max(np.abs(x64))))
         np.testing.assert_allclose(y64, x64, rtol=rtol, atol=atol * scale)
+
+
+def corrupt_backward_folds(monkeypatch: Any, hit: Callable[[np.ndarray], bool]) -> list[int]:
+    """Make every backward fold whose weight satisfies ``hit`` wrong by 5% (the folded
+    weight scaled by 1.05); returns a log with one entry per corrupted fold."""
+    import bnfuse.fold
+    import bnfuse.onnx.rules as rules
+
+    hits: list[int] = []
+    original: Callable[..., Any] = bnfuse.fold.fold_backward
+
+    def corrupted(w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        w2, b2 = original(w, *args, **kwargs)
+        if hit(w):
+            hits.append(1)
+            w2 = (w2 * np.float32(1.05)).astype(w2.dtype)
+        return w2, b2
+
+    monkeypatch.setattr(bnfuse.fold, "fold_backward", corrupted)
+    if hasattr(rules, "fold_backward"):  # imported by name there
+        monkeypatch.setattr(rules, "fold_backward", corrupted)
+    return hits

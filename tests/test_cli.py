@@ -7,14 +7,12 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import pytest
-from onnx_util import GraphBuilder, count_ops
+from onnx_util import GraphBuilder, corrupt_backward_folds, count_ops
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -124,21 +122,7 @@ def test_rollback_writes_the_rest_and_names_the_bn(
 ) -> None:
     # corrupt the fold of bn1 (into the 3->4 Conv) by 5%: validation fails, bisection
     # blames bn1, --rollback leaves it in place and writes the model anyway
-    hits: list[int] = []
-    original: Callable[..., Any] = bnfuse.fold.fold_backward
-
-    def corrupted(w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-        w2, b2 = original(w, *args, **kwargs)
-        if w.ndim == 4 and w.shape[:2] == (4, 3):
-            hits.append(1)
-            w2 = (w2 * np.float32(1.05)).astype(w2.dtype)
-        return w2, b2
-
-    monkeypatch.setattr(bnfuse.fold, "fold_backward", corrupted)
-    import bnfuse.onnx.rules as rules
-
-    if hasattr(rules, "fold_backward"):  # imported by name there
-        monkeypatch.setattr(rules, "fold_backward", corrupted)
+    hits = corrupt_backward_folds(monkeypatch, lambda w: w.ndim == 4 and w.shape[:2] == (4, 3))
     src = make_model(tmp_path / "m.onnx")
     out = tmp_path / "f.onnx"
     r = runner.invoke(app, [str(src), "-o", str(out)])

@@ -85,15 +85,19 @@ def test_bn_then_padded_conv_refused() -> None:
     assert res.refusals[0].reason == PAD_REASON
 
 
+def zero_shift_bn(b: GraphBuilder, x: str, c: int) -> str:
+    """A BN named "bn" whose shift is exactly 0 (beta = mean = 0): it folds as a scale."""
+    gamma, var = b.r.uniform(0.5, 2, c), b.r.uniform(0.5, 2, c)
+    mean = beta = np.zeros(c)  # t = beta - s*mean = 0
+    p = [b.const(v.astype(np.float32)) for v in (gamma, beta, mean, var)]
+    return b.node("BatchNormalization", [x, *p], name="bn")
+
+
 def test_scale_only_bn_then_padded_conv_folds() -> None:
     b = GraphBuilder(seed=5)
     x = b.input("x", ["N", 4, 7, 7])
     r = b.node("Relu", [x])
-    gamma, var = b.r.uniform(0.5, 2, 4), b.r.uniform(0.5, 2, 4)
-    mean = np.zeros(4)
-    beta = np.zeros(4)  # t = beta - s*mean = 0
-    p = [b.const(v.astype(np.float32)) for v in (gamma, beta, mean, var)]
-    y = b.node("BatchNormalization", [r, *p], name="bn")
+    y = zero_shift_bn(b, r, 4)
     y = b.conv(y, 4, 6, [3, 3], pads=[1, 1, 1, 1])
     b.output(y)
     res = folded(b.model(), 1)
@@ -268,11 +272,7 @@ def test_zero_shift_bn_then_padded_strided_conv_transpose_folds() -> None:
     b = GraphBuilder(seed=16)
     x = b.input("x", ["N", 4, 5, 5])
     r = b.node("Relu", [x])
-    gamma, var = b.r.uniform(0.5, 2, 4), b.r.uniform(0.5, 2, 4)
-    mean = np.zeros(4)
-    beta = np.zeros(4)  # t = beta - s*mean = 0
-    p = [b.const(v.astype(np.float32)) for v in (gamma, beta, mean, var)]
-    y = b.node("BatchNormalization", [r, *p], name="bn")
+    y = zero_shift_bn(b, r, 4)
     y = b.node("ConvTranspose", [y, b.weight([4, 3, 3, 3])], pads=[1, 1, 1, 1], strides=[2, 2])
     b.output(y)
     res = folded(b.model(), 1)

@@ -8,7 +8,6 @@ into the 6-channel Conv, i.e. of "bn2") comes out wrong.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_util import corrupt_backward_folds
 
 import bnfuse
 import bnfuse.fold
@@ -90,22 +90,9 @@ def model_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def corrupt_bn2(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Make the fold into the 6-channel Conv wrong by 5%; returns a log of corruptions."""
-    hits: list[int] = []
-    original: Callable[..., Any] = bnfuse.fold.fold_backward
-
-    def wrapped(w: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-        w2, b2 = original(w, *args, **kwargs)
-        if w.ndim == 4 and w.shape[0] == CORRUPT_CHANNELS:
-            hits.append(1)
-            w2 = (w2 * np.float32(1.05)).astype(w2.dtype)
-        return w2, b2
-
-    monkeypatch.setattr(bnfuse.fold, "fold_backward", wrapped)
-    import bnfuse.onnx.rules as rules
-
-    if hasattr(rules, "fold_backward"):  # imported by name there
-        monkeypatch.setattr(rules, "fold_backward", wrapped)
-    return hits
+    return corrupt_backward_folds(
+        monkeypatch, lambda w: w.ndim == 4 and w.shape[0] == CORRUPT_CHANNELS
+    )
 
 
 def run_model(model: Any, x: np.ndarray) -> np.ndarray:
