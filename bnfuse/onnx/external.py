@@ -30,10 +30,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from bnfuse.errors import ModelLoadError, UnsupportedModelError
-from bnfuse.onnx.payloads import Payloads, Span, is_placeholder, raw_dtype
+from bnfuse.onnx.payloads import (
+    RAW_TYPES,
+    Payloads,
+    Span,
+    is_placeholder,
+    raw_bytes,
+    raw_dtype,
+)
 
 __all__ = [
     "INLINE_LIMIT",
@@ -74,23 +80,6 @@ _HOLDERS = frozenset(
         "FunctionProto",
         "SparseTensorProto",
         "TrainingInfoProto",
-    }
-)
-_RAW_TYPES = frozenset(
-    {
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.BFLOAT16,
-        onnx.TensorProto.INT8,
-        onnx.TensorProto.INT16,
-        onnx.TensorProto.INT32,
-        onnx.TensorProto.INT64,
-        onnx.TensorProto.UINT8,
-        onnx.TensorProto.UINT16,
-        onnx.TensorProto.UINT32,
-        onnx.TensorProto.UINT64,
-        onnx.TensorProto.BOOL,
     }
 )
 
@@ -246,7 +235,7 @@ def payload_reason(t: onnx.TensorProto, payloads: Payloads | None = None) -> str
             return f"tensor {t.name!r} holds {size} bytes but its shape {list(t.dims)} needs {need}"
         return None
     if t.HasField("raw_data"):
-        if t.data_type in _RAW_TYPES:
+        if t.data_type in RAW_TYPES:
             itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
             if n * itemsize >= RAW_CHECK_LIMIT:
                 return None
@@ -503,19 +492,6 @@ def payload_bytes(t: onnx.TensorProto) -> int:
     return _elements(t) * itemsize
 
 
-def _raw_payload(t: onnx.TensorProto) -> bytes | None:
-    """The little-endian bytes of a tensor, or None when it must stay inline."""
-    if t.data_type not in _RAW_TYPES:
-        return None
-    if t.HasField("raw_data"):
-        return t.raw_data
-    arr = numpy_helper.to_array(t)
-    data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-    if len(data) != _elements(t) * arr.dtype.itemsize:
-        return None
-    return data
-
-
 def has_large_payloads(model: onnx.ModelProto, limit: int = INLINE_LIMIT) -> bool:
     """True when some tensor holds ``limit`` bytes of data or more inside the message (not
     a placeholder, not external), as its dims and type say."""
@@ -618,7 +594,7 @@ def write_model(
                 raise UnsupportedModelError(
                     f"tensor {src.name!r} refers to external data that was never loaded"
                 )
-            data = _raw_payload(src) if payload_bytes(src) >= limit else None
+            data = raw_bytes(src) if payload_bytes(src) >= limit else None
             if data is None:
                 dst.CopyFrom(src)
                 return

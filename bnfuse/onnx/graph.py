@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from bnfuse.fold import Scaled, round_to
 from bnfuse.onnx.external import DATA_FIELDS, INLINE_LIMIT
-from bnfuse.onnx.payloads import Payloads, is_placeholder
+from bnfuse.onnx.payloads import Payloads, is_placeholder, raw_dtype
 
 __all__ = [
     "Graph",
@@ -552,18 +552,10 @@ class Graph:
 
 
 _EXTERNAL = onnx.TensorProto.EXTERNAL
-#: raw_data is little-endian on every platform (ONNX spec)
-_RAW_DTYPES: dict[int, np.dtype[Any]] = {
-    onnx.TensorProto.FLOAT: np.dtype("<f4"),
-    onnx.TensorProto.DOUBLE: np.dtype("<f8"),
-    onnx.TensorProto.FLOAT16: np.dtype("<f2"),
-    onnx.TensorProto.INT64: np.dtype("<i8"),
-    onnx.TensorProto.INT32: np.dtype("<i4"),
-}
 
 
 def _to_array(t: onnx.TensorProto) -> np.ndarray:
-    fast = _RAW_DTYPES.get(t.data_type)
+    fast = raw_dtype(t.data_type)  # raw_data is little-endian on every platform (ONNX spec)
     if fast is not None and t.HasField("raw_data") and t.data_location != _EXTERNAL:
         # the common case, without numpy_helper's extra copy: a read-only view of the
         # payload (folds compute on float64 copies, never in place)

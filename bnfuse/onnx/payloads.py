@@ -37,7 +37,7 @@ from onnx import numpy_helper
 
 from bnfuse.fold import Scaled
 
-__all__ = ["LOCATION", "Payloads", "Span", "is_placeholder", "raw_dtype"]
+__all__ = ["LOCATION", "RAW_TYPES", "Payloads", "Span", "is_placeholder", "raw_bytes", "raw_dtype"]
 
 #: external_data location of every placeholder (random per process: not forgeable by a file)
 LOCATION = f"bnfuse-lazy:{secrets.token_hex(8)}"
@@ -72,8 +72,22 @@ def raw_dtype(data_type: int) -> np.dtype[Any] | None:
     return dt
 
 
-#: element types :func:`bnfuse.onnx.wire.split` may turn into placeholders
+#: element types stored as one fixed-size little-endian number per element in raw_data
 RAW_TYPES = frozenset(_DTYPES) | {_T.BFLOAT16}
+
+
+def raw_bytes(t: onnx.TensorProto) -> bytes | None:
+    """The little-endian payload of an ordinary tensor (from ``raw_data`` or its typed
+    field), or None for types without that form or data that does not match its dims."""
+    if t.data_type not in RAW_TYPES:
+        return None
+    if t.HasField("raw_data"):
+        return t.raw_data
+    arr = numpy_helper.to_array(t)
+    data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+    if len(data) != math.prod(int(d) for d in t.dims) * arr.dtype.itemsize:
+        return None
+    return data
 
 
 @dataclass(frozen=True)
@@ -233,14 +247,8 @@ class Payloads:
         if isinstance(e, Scaled):
             return e.nbytes, (_raw_view(b) for b in e.blocks(reuse))
         if isinstance(e, onnx.TensorProto):
-            if e.HasField("raw_data"):
-                raw = e.raw_data
-                return len(raw), iter((raw,))
-            if raw_dtype(e.data_type) is None:
-                return None
-            arr = numpy_helper.to_array(e)
-            view = _raw_view(np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"))))
-            return view.nbytes, iter((view,))
+            raw = raw_bytes(e)
+            return None if raw is None else (len(raw), iter((raw,)))
         return None
 
     def fill(self, t: onnx.TensorProto) -> None:
