@@ -153,8 +153,10 @@ def to_bytes(
     return b"".join(chunks(model, payloads, nested=nested))
 
 
-#: pieces smaller than this are gathered and written together (one system call per
-#: batch instead of one per tensor header: a small model is written in one go)
+#: pieces from this size on are written where they are (a view of the input, a block of
+#: a computed weight); smaller ones (tensor headers, small tensors) are gathered and
+#: written together, up to ``_BATCH`` bytes at a time (a small model in one go)
+_DIRECT = 64 << 10
 _BATCH = 1 << 20
 
 
@@ -172,7 +174,7 @@ def write(
         size = 0
         for piece in chunks(model, payloads, reuse=True, nested=nested):
             n = _size(piece)
-            if n >= _BATCH:
+            if n >= _DIRECT:
                 if small:
                     f.write(b"".join(small))
                     small, size = [], 0
