@@ -228,23 +228,16 @@ def payload_reason(t: onnx.TensorProto, payloads: Payloads | None = None) -> str
     if any(int(d) < 0 for d in t.dims):
         return f"tensor {t.name!r} has a negative dimension"
     n = _elements(t)
-    if size is not None:
+    if size is None and t.HasField("raw_data"):
+        dt = raw_dtype(t.data_type) if t.data_type in RAW_TYPES else None
+        if dt is None or n * dt.itemsize >= RAW_CHECK_LIMIT:
+            return None
+        size = len(t.raw_data)
+    if size is not None:  # raw bytes: a placeholder's payload, or raw_data
         dt = raw_dtype(t.data_type)
         need = n * (dt.itemsize if dt is not None else 0)
         if size != need:
             return f"tensor {t.name!r} holds {size} bytes but its shape {list(t.dims)} needs {need}"
-        return None
-    if t.HasField("raw_data"):
-        if t.data_type in RAW_TYPES:
-            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            if n * itemsize >= RAW_CHECK_LIMIT:
-                return None
-            size = len(t.raw_data)
-            if size != n * itemsize:
-                return (
-                    f"tensor {t.name!r} holds {size} bytes but its shape {list(t.dims)} "
-                    f"needs {n * itemsize}"
-                )
         return None
     for fname, types in _FIELDS.items():
         if t.data_type in types:
