@@ -26,6 +26,7 @@ __all__ = [
     "PassResult",
     "Runner",
     "atomic_path",
+    "open_fresh",
 ]
 
 
@@ -145,6 +146,12 @@ class Backend(Protocol):
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path in ``dest``'s directory; rename it onto ``dest`` on success.
 
+    The temporary file exists (empty) when it is yielded, with the permissions ``dest``
+    gets: those of the file it replaces, else ``0o666`` less the umask (as any new file;
+    ``mkstemp`` alone would leave ``0o600``). Writers should fill it without truncating
+    it (:func:`open_fresh`): on ext4, opening an existing file with ``O_TRUNC`` makes
+    the kernel flush it to disk on close (``auto_da_alloc``; measured 1.5 ms for 2.7 MB).
+
     On any exception (KeyboardInterrupt included) the temporary file is removed, so an
     interrupted write never leaves a partial output behind.
     """
@@ -152,11 +159,33 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(
         prefix=f".{dest.name}.", suffix=f".bnfuse-tmp{dest.suffix}", dir=dest.parent
     )
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
+        try:
+            os.fchmod(fd, _new_file_mode(dest))
+        finally:
+            os.close(fd)
         yield tmp_path
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode(dest: Path) -> int:
+    """Permission bits for a file written at ``dest``: kept from the file it replaces,
+    else the default for a new file (``0o666`` less the process umask)."""
+    try:
+        return os.stat(dest).st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def open_fresh(path: str | os.PathLike[str]) -> Any:
+    """Open ``path`` for writing from its start, creating it if needed, without
+    ``O_TRUNC`` (see :func:`atomic_path`); call ``truncate()`` after the last write in
+    case the file held more."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666), "wb")

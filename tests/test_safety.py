@@ -4,10 +4,13 @@ write leaves nothing behind, a failed validation writes nothing unless forced.""
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -146,3 +149,58 @@ def test_input_model_object_and_file_untouched_by_rollback(
     corrupt_fold(monkeypatch, "bn_a")
     bnfuse.fuse(m, rollback=True)
     assert m.SerializeToString() == snapshot
+
+
+@pytest.fixture
+def umask_027() -> Iterator[int]:
+    old = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_outputs_get_the_permissions_of_a_new_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, umask_027: int
+) -> None:
+    """Written through a temporary file, but not with mkstemp's private 0o600: a fused
+    model, its external data and a report get what any new file gets under the umask."""
+    from bnfuse.onnx import backend as onnx_backend
+
+    src = make(tmp_path / "m.onnx")
+    res = bnfuse.fuse(src, tmp_path / "f.onnx", validate=False)
+    assert _mode(tmp_path / "f.onnx") == 0o640
+    from bnfuse.report import write_report
+
+    write_report(res, tmp_path / "r.json")
+    assert _mode(tmp_path / "r.json") == 0o640
+    monkeypatch.setattr(onnx_backend, "FILE_PATH_THRESHOLD", 1)  # header + external data
+    bnfuse.fuse(src, tmp_path / "e.onnx", validate=False)
+    assert _mode(tmp_path / "e.onnx") == 0o640
+    assert _mode(tmp_path / "e.onnx.data") == 0o640
+
+
+def test_replacing_an_output_keeps_its_permissions(tmp_path: Path, umask_027: int) -> None:
+    src = make(tmp_path / "m.onnx")
+    out = tmp_path / "f.onnx"
+    out.write_bytes(b"old")
+    out.chmod(0o604)
+    bnfuse.fuse(src, out, validate=False)
+    assert _mode(out) == 0o604
+    assert onnx.load(str(out)).graph.node  # and it is the new model
+
+
+def test_writer_cuts_what_an_existing_file_held_beyond_the_model(tmp_path: Path) -> None:
+    """The writer opens without O_TRUNC (see atomic_path); it must still cut the file."""
+    from bnfuse.onnx import serialize
+
+    model = onnx.load(str(make(tmp_path / "m.onnx")))
+    path = tmp_path / "w.onnx"
+    path.write_bytes(b"\xff" * (len(model.SerializeToString()) + 4096))
+    serialize.write(model, path)
+    assert path.read_bytes() == serialize.to_bytes(model)
+    assert onnx.load(str(path)) == model

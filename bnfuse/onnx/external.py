@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnfuse.backend import atomic_path, open_fresh
 from bnfuse.errors import ModelLoadError, UnsupportedModelError
 from bnfuse.onnx.payloads import (
     RAW_TYPES,
@@ -571,7 +571,7 @@ def write_model(
     straight from ``payloads``. ``sync`` flushes both files to disk (not needed for a
     temporary copy).
     """
-    with open(data_path, "wb") as f:
+    with open_fresh(data_path) as f:
 
         def hook(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
             if payloads is not None and is_placeholder(src):
@@ -596,11 +596,13 @@ def write_model(
 
         header = onnx.ModelProto()
         _copy(model, header, hook)
+        f.truncate()
         f.flush()
         if sync:
             os.fsync(f.fileno())
-    with open(path, "wb") as h:
+    with open_fresh(path) as h:
         h.write(header.SerializeToString())
+        h.truncate()
         h.flush()
         if sync:
             os.fsync(h.fileno())
@@ -644,20 +646,7 @@ def save_with_external_data(
     """
     dest = Path(dest)
     data_dest = dest.with_name(data_name(dest))
-    tmps: list[Path] = []
-    try:
-        for target in (data_dest, dest):
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=".bnfuse-tmp", dir=dest.parent
-            )
-            os.close(fd)
-            tmps.append(Path(tmp))
-        tmp_data, tmp_header = tmps
+    # the inner context renames first: the data file is in place before the header
+    with atomic_path(dest) as tmp_header, atomic_path(data_dest) as tmp_data:
         write_model(model, tmp_header, tmp_data, data_dest.name, payloads=payloads)
-        os.replace(tmp_data, data_dest)
-        os.replace(tmp_header, dest)
-    except BaseException:
-        for t in tmps:
-            t.unlink(missing_ok=True)
-        raise
     return data_dest

@@ -27,6 +27,7 @@ from typing import Any
 
 import onnx
 
+from bnfuse.backend import open_fresh
 from bnfuse.onnx.payloads import Payloads, is_placeholder
 from bnfuse.onnx.wire import fields, tag, varint
 
@@ -167,9 +168,10 @@ def write(
     nested: Iterable[onnx.TensorProto] | None = None,
 ) -> None:
     """Serialize ``model`` (placeholders filled from ``payloads``) into the file ``path``
-    (created or truncated): large pieces straight from where they are, small ones
+    (created if needed; written without ``O_TRUNC``, see
+    :func:`bnfuse.backend.atomic_path`): large pieces straight from where they are, small ones
     gathered."""
-    with open(path, "wb") as f:
+    with open_fresh(path) as f:
         small: list[Chunk] = []
         size = 0
         for piece in chunks(model, payloads, reuse=True, nested=nested):
@@ -187,6 +189,7 @@ def write(
                 small, size = [], 0
         if small:
             f.write(b"".join(small))
+        f.truncate()
 
 
 def _size(piece: Chunk) -> int:
