@@ -320,3 +320,52 @@ def test_rank3_per_channel_mul_add_then_matmul_folds() -> None:
     ], res.refusals
     assert count_ops(res.model, "Mul") == 0
     assert_close(m, res.model)
+
+
+def _inference_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every shape inference the pass runs (it is deferred until a rule needs it)."""
+    import bnfuse.onnx.fuse as fuse_mod
+
+    calls: list[str] = []
+    real = fuse_mod.shape_tree
+
+    def spy(model: onnx.ModelProto) -> object:
+        calls.append(model.graph.name)
+        return real(model)
+
+    monkeypatch.setattr(fuse_mod, "shape_tree", spy)
+    return calls
+
+
+def test_ranks_proven_from_the_graph_need_no_shape_inference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Input -> BN -> Conv -> BN -> Relu -> BN -> Conv: the first BN's rank is the input's
+    declared one, the others follow from the Conv weights; inference never runs."""
+    calls = _inference_calls(monkeypatch)
+    b = GraphBuilder(seed=5)
+    x = b.input("x", ["N", 3, 6, 6])
+    y = b.bn(b.conv(b.bn(x, 3, name="first"), 3, 4, [3, 3]), 4, name="before")
+    y = b.bn(b.node("Relu", [y]), 4, name="after")
+    b.output(b.conv(y, 4, 2, [1, 1]))
+    model = b.model()
+    res = fuse(model)
+    assert sorted(f.bn for f in res.folds) == ["after", "before", "first"], res.refusals
+    assert count_ops(res.model, "BatchNormalization") == 0
+    assert_close(model, res.model)
+    assert calls == []
+
+
+def test_shape_inference_runs_once_when_a_rule_needs_a_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """BN -> Flatten -> Gemm needs the BN input's shape (channels times spatial size):
+    inference runs, once, and the fold is made."""
+    calls = _inference_calls(monkeypatch)
+    b = GraphBuilder(seed=6)
+    x = b.input("x", ["N", 3, 4, 5])
+    y = b.node("Flatten", [b.bn(b.node("Relu", [x]), 3)], axis=1)
+    b.output(b.node("Gemm", [y, b.weight([60, 2])]))
+    model = b.model()
+    folded(model, 1)
+    assert len(calls) == 1

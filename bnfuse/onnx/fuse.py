@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnx
 
@@ -50,7 +51,8 @@ def _bn_finder(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None:
 #: a BN in disguise (a chain of Mul/Add/Sub/Div by per-channel constants).
 NORM_FINDERS: list[NormFinder] = [_bn_finder, affine_norm]
 
-ShapeDict = dict[str, tuple[int | str | None, ...]]
+Shape = tuple[int | str | None, ...]
+ShapeDict = dict[str, Shape]
 
 
 @dataclass
@@ -62,29 +64,79 @@ class ShapeTree:
     the indices still hold when they are looked up).
     """
 
-    values: ShapeDict = field(default_factory=dict)
-    children: dict[tuple[int, str, int], ShapeTree] = field(default_factory=dict)
+    values: Mapping[str, Shape] = field(default_factory=dict)
+    children: Mapping[tuple[int, str, int], ShapeTree] = field(default_factory=dict)
 
 
 def _collect(graph: onnx.GraphProto) -> ShapeTree:
-    tree = ShapeTree()
+    values: ShapeDict = {}
+    children: dict[tuple[int, str, int], ShapeTree] = {}
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         t = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
             continue
-        tree.values[vi.name] = tuple(
+        values[vi.name] = tuple(
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
         )
     for init in graph.initializer:
-        tree.values.setdefault(init.name, tuple(int(d) for d in init.dims))
+        values.setdefault(init.name, tuple(int(d) for d in init.dims))
     for i, node in enumerate(graph.node):
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                tree.children[(i, a.name, 0)] = _collect(a.g)
+                children[(i, a.name, 0)] = _collect(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for j, sub in enumerate(a.graphs):
-                    tree.children[(i, a.name, j)] = _collect(sub)
-    return tree
+                    children[(i, a.name, j)] = _collect(sub)
+    return ShapeTree(values, children)
+
+
+class _Once:
+    """Calls ``compute`` the first time it is asked, then returns the same result."""
+
+    def __init__(self, compute: Callable[[], ShapeTree]) -> None:
+        self._compute: Callable[[], ShapeTree] | None = compute
+        self._tree: ShapeTree | None = None
+
+    @property
+    def tree(self) -> ShapeTree:
+        if self._compute is not None:
+            self._tree, self._compute = self._compute(), None
+        assert self._tree is not None
+        return self._tree
+
+
+class _LazyPart(Mapping[Any, Any]):
+    """``tree.values`` or ``tree.children`` of a :class:`ShapeTree` made on first use."""
+
+    def __init__(self, once: _Once, part: str) -> None:
+        self._once, self._part = once, part
+
+    def _data(self) -> Mapping[Any, Any]:
+        data: Mapping[Any, Any] = getattr(self._once.tree, self._part)
+        return data
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data()[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+
+def lazy_shape_tree(model: onnx.ModelProto) -> ShapeTree:
+    """:func:`shape_tree` of ``model``, run when a shape is first looked up.
+
+    Most folds never need one (:meth:`Graph.rank` proves ranks from the producers, and
+    declared input shapes are read directly), and inference is the largest fixed cost of
+    a small model's pass. When a rule does need it, inference sees the model as it is
+    then: folds already made keep every remaining tensor's shape (a fold renames or
+    removes tensors, it never reshapes one), and subgraphs, whose shapes are keyed by
+    node index, are folded before their parent graph changes.
+    """
+    once = _Once(lambda: shape_tree(model))
+    return ShapeTree(values=_LazyPart(once, "values"), children=_LazyPart(once, "children"))
 
 
 def shape_tree(model: onnx.ModelProto) -> ShapeTree:
@@ -107,7 +159,7 @@ def shape_tree(model: onnx.ModelProto) -> ShapeTree:
 
 def shape_map(model: onnx.ModelProto) -> ShapeDict:
     """Shapes of the main graph's tensors (see :func:`shape_tree`)."""
-    return shape_tree(model).values
+    return dict(shape_tree(model).values)
 
 
 def fuse_model(
@@ -137,7 +189,7 @@ def fuse_model(
     opset = _opset(fused.opset_import, 0)
     names = NameSource(fused)
     result = PassResult(model=fused)
-    shapes = shape_tree(fused)
+    shapes = lazy_shape_tree(fused)
     fuse_graph(
         fused.graph, names, options, opset, shapes, result, outer=None, scope="", payloads=store
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +119,7 @@ class Graph:
     names: NameSource
     treat_initializer_inputs_as_constants: bool = False
     outer: Graph | None = None
-    shapes: dict[str, tuple[int | str | None, ...]] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[int | str | None, ...]] = field(default_factory=dict)
     #: True for a function body: no initializers, new constants become Constant nodes.
     function: bool = False
     #: the data of placeholder tensors (see :mod:`bnfuse.onnx.payloads`), shared by the
@@ -263,21 +263,28 @@ class Graph:
         raise KeyError(name)
 
     def rank(self, name: str, _depth: int = 0) -> int | None:
-        """Rank of a tensor when shape inference knows it, or when it is provable.
+        """Rank of a tensor when it is provable, or when shape inference knows it.
 
-        Without shape information the rank still follows from the producer: a Conv or
-        ConvTranspose output has its weight's rank, a Gemm output rank 2, a MatMul with a
-        2-D weight keeps its input's rank (>= 2), and element-wise ops with a constant of
-        no larger rank, BatchNormalization and Relu-like ops keep their input's rank.
+        Proven first, from the graph itself (shape inference is then never run for it):
+        an initializer's or a declared graph input's rank; a Conv or ConvTranspose output
+        has its weight's rank, a Gemm output rank 2, a MatMul with a 2-D weight keeps
+        its input's rank (>= 2), and element-wise ops with a constant of no larger rank,
+        BatchNormalization and Relu-like ops keep their input's rank.
         """
+        proven = self._proven_rank(name, _depth)
+        if proven is not None:
+            return proven
         shape = self.shapes.get(name)
-        if shape is not None:
-            return len(shape)
+        return len(shape) if shape is not None else None
+
+    def _proven_rank(self, name: str, _depth: int) -> int | None:
         if name in self.inits:
             return len(self.inits[name].dims)
         prod = self.producer.get(name)
         if prod is None:
-            if name in self.input_names or self.outer is None:
+            if name in self.input_names:
+                return self._declared_rank(name)
+            if self.outer is None:
                 return None
             return self.outer.rank(name, _depth)
         if _depth > 64 or prod.domain not in ("", "ai.onnx"):
@@ -310,6 +317,16 @@ class Graph:
             if r is None:
                 return None
             return max(r, len(self._dims(c)))
+        return None
+
+    def _declared_rank(self, name: str) -> int | None:
+        """The rank a graph input's type declares, if it declares a shape."""
+        for vi in self.g.input:
+            if vi.name == name:
+                t = vi.type
+                if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
+                    return len(t.tensor_type.shape.dim)
+                return None
         return None
 
     def _to_array(self, t: onnx.TensorProto) -> np.ndarray:
