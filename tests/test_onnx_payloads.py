@@ -244,6 +244,25 @@ def _big_model(seed: int = 0, c: int = 256) -> onnx.ModelProto:
     return b.model()
 
 
+@pytest.fixture(autouse=True)
+def _split_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The models here are small: cut them all (as files from SPLIT_THRESHOLD on are)."""
+    monkeypatch.setattr(onnx_backend, "SPLIT_THRESHOLD", 0)
+
+
+def test_small_files_are_parsed_whole_and_fold_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_big_model(4, c=64), src)
+    assert OnnxBackend().load(src).payloads is not None
+    bnfuse.fuse(src, tmp_path / "split.onnx", validate=False)
+    monkeypatch.setattr(onnx_backend, "SPLIT_THRESHOLD", src.stat().st_size + 1)
+    assert OnnxBackend().load(src).payloads is None
+    bnfuse.fuse(src, tmp_path / "whole.onnx", validate=False)
+    assert (tmp_path / "split.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+
+
 def test_large_file_is_mapped_and_folds_like_a_read_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

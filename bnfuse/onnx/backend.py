@@ -124,6 +124,12 @@ def _session_source(model: OnnxModel) -> tuple[str | bytes, _ModelFile | None]:
 MMAP_THRESHOLD = 1 << 20
 
 
+#: Files from this size on are cut by :func:`bnfuse.onnx.wire.split` (large weights
+#: stay in the file's bytes); smaller ones are parsed whole, which protobuf's C parser
+#: does faster than the scan (20 KB: 3 us against 70 us) and costs no memory to speak of.
+SPLIT_THRESHOLD = 1 << 20
+
+
 def _read(path: Path) -> bytes | mmap.mmap:
     """The file's bytes: a read-only memory map for large files, else a bytes object."""
     with open(path, "rb") as f:
@@ -138,7 +144,11 @@ def _read(path: Path) -> bytes | mmap.mmap:
 def _parse(data: bytes | mmap.mmap) -> tuple[onnx.ModelProto, Payloads | None]:
     """Parse a model file's bytes; its large main-graph weights stay in ``data`` as
     placeholders (:func:`bnfuse.onnx.wire.split`) when the bytes allow it."""
-    cut = wire.split(data, LOCATION, external.INLINE_LIMIT) if len(data) < 2**31 else None
+    cut = (
+        wire.split(data, LOCATION, external.INLINE_LIMIT)
+        if SPLIT_THRESHOLD <= len(data) < 2**31
+        else None
+    )
     if cut is not None:
         skeleton, spans = cut
         try:
