@@ -142,6 +142,8 @@ def channel_map(
             output channel gi*(Cout/g)+j  axes=(0, 2)
 
     The result is broadcastable to ``shape`` (materialised only when ``view`` differs).
+    ``channel_map(view, axes)`` is the small form, broadcastable to ``view``: the fold
+    functions take it with their ``view`` argument.
     """
     v = tuple(int(d) for d in (view if view is not None else shape))
     if math.prod(v) != math.prod(int(d) for d in shape):
@@ -179,56 +181,76 @@ class Scaled:
     then computes it block by block into one reused buffer while writing it out
     (:meth:`blocks`), so a fold of a large model neither holds a second copy of its
     weights nor pays for fresh memory. ``numpy.asarray(scaled)`` computes it whole.
+
+    ``weight`` and ``factor`` broadcast together; the product has their broadcast shape,
+    or ``shape`` (a reshape of it: a fold may compute in a view of the weight, e.g. a
+    grouped ConvTranspose split into its groups, where the factor needs no full-size
+    copy).
     """
 
-    def __init__(self, weight: NDArray[np.generic], factor: F64, dtype: np.dtype[Any]) -> None:
-        self.shape: tuple[int, ...] = np.broadcast_shapes(weight.shape, factor.shape)
-        self.weight = np.broadcast_to(weight, self.shape)
-        self.factor = np.broadcast_to(factor, self.shape)
+    def __init__(
+        self,
+        weight: NDArray[np.generic],
+        factor: F64,
+        dtype: np.dtype[Any],
+        shape: Sequence[int] | None = None,
+    ) -> None:
+        computed = np.broadcast_shapes(weight.shape, factor.shape)
+        self.weight = np.broadcast_to(weight, computed)
+        self.factor = np.broadcast_to(factor, computed)
         self.dtype = np.dtype(dtype)
+        self.shape: tuple[int, ...] = (
+            tuple(int(d) for d in shape) if shape is not None else computed
+        )
+        if math.prod(self.shape) != math.prod(computed):
+            raise ValueError(f"shape {self.shape} is not a reshape of {computed}")
 
     @property
     def nbytes(self) -> int:
         """Size of the product in bytes."""
         return math.prod(self.shape) * self.dtype.itemsize
 
-    def _into(self, out: NDArray[Any], lo: int, hi: int) -> None:
+    def _into(self, out: NDArray[Any], index: tuple[Any, ...]) -> None:
         with np.errstate(over="ignore", invalid="ignore"):
             np.multiply(
-                self.weight[lo:hi],
-                self.factor[lo:hi],
+                self.weight[index],
+                self.factor[index],
                 out=out,
                 dtype=np.float64,
                 casting="same_kind",
             )
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> NDArray[Any]:
-        out = np.empty(self.shape, dtype=self.dtype)
+        out = np.empty(self.weight.shape, dtype=self.dtype)
         if out.ndim == 0:
             out[...] = np.multiply(self.weight, self.factor, dtype=np.float64)
         else:
-            self._into(out, 0, self.shape[0])
+            self._into(out, (Ellipsis,))
+        out = out.reshape(self.shape)
         return out if dtype is None else out.astype(dtype)
 
     def blocks(self, reuse: bool = True) -> Iterator[NDArray[Any]]:
-        """The product in C order, as consecutive C-contiguous blocks of rows (about
-        :data:`BLOCK_BYTES` each). With ``reuse`` every block is the same buffer,
-        overwritten by the next: use each before asking for the next."""
-        if len(self.shape) < 2 or self.nbytes <= BLOCK_BYTES:
+        """The product in C order, as consecutive C-contiguous blocks (about
+        :data:`BLOCK_BYTES` each: runs of rows along the first axis whose rows are no
+        larger, index by index over the axes before it). With ``reuse`` every block is
+        the same buffer, overwritten by the next: use each before asking for the next."""
+        cs = self.weight.shape
+        if len(cs) < 2 or self.nbytes <= BLOCK_BYTES:
             yield np.asarray(self)
             return
-        row = self.nbytes // self.shape[0]
-        step = max(1, BLOCK_BYTES // row)
-        buf = np.empty((step, *self.shape[1:]), dtype=self.dtype) if reuse else None
-        for lo in range(0, self.shape[0], step):
-            hi = min(lo + step, self.shape[0])
-            out = (
-                buf[: hi - lo]
-                if buf is not None
-                else np.empty((hi - lo, *self.shape[1:]), self.dtype)
-            )
-            self._into(out, lo, hi)
-            yield out
+        item = self.dtype.itemsize
+        k = 0  # the axis stepped through in runs; axes before it go index by index
+        while k < len(cs) - 1 and math.prod(cs[k + 1 :]) * item > BLOCK_BYTES:
+            k += 1
+        tail = tuple(cs[k + 1 :])
+        step = max(1, BLOCK_BYTES // max(1, math.prod(tail) * item))
+        buf = np.empty((min(step, cs[k]), *tail), dtype=self.dtype) if reuse else None
+        for outer in np.ndindex(*cs[:k]):
+            for lo in range(0, cs[k], step):
+                hi = min(lo + step, cs[k])
+                out = buf[: hi - lo] if buf is not None else np.empty((hi - lo, *tail), self.dtype)
+                self._into(out, (*outer, slice(lo, hi)))
+                yield out
 
 
 def _cannot_overflow(weight: NDArray[np.generic], factor: F64, dt: np.dtype[Any]) -> bool:
@@ -249,7 +271,11 @@ def _cannot_overflow(weight: NDArray[np.generic], factor: F64, dt: np.dtype[Any]
 
 
 def _scaled(
-    weight: NDArray[np.generic], factor: F64, out_dtype: Any, lazy: bool = False
+    weight: NDArray[np.generic],
+    factor: F64,
+    out_dtype: Any,
+    lazy: bool = False,
+    shape: Sequence[int] | None = None,
 ) -> NDArray[Any] | Scaled:
     """``weight * factor`` computed in float64; rounded once to ``out_dtype`` if given.
 
@@ -259,17 +285,18 @@ def _scaled(
     ``lazy``, a product that cannot overflow is returned as a :class:`Scaled`.
     """
     dt = np.dtype(out_dtype) if out_dtype is not None else None
+    final = tuple(shape) if shape is not None else np.broadcast_shapes(weight.shape, factor.shape)
     if dt is None or dt not in _NATIVE_FLOATS:
         w64 = np.multiply(weight, factor, dtype=np.float64)
-        return w64 if dt is None else round_to(w64, dt)
+        return (w64 if dt is None else round_to(w64, dt)).reshape(final)
     if lazy and _cannot_overflow(weight, factor, dt):
-        return Scaled(weight, factor, dt)
+        return Scaled(weight, factor, dt, final)
     out = np.empty(np.broadcast_shapes(weight.shape, factor.shape), dtype=dt)
     with np.errstate(over="ignore", invalid="ignore"):
         np.multiply(weight, factor, out=out, dtype=np.float64, casting="same_kind")
     if not np.isfinite(out).all():
         round_to(np.multiply(weight, factor, dtype=np.float64), dt)  # raises on overflow
-    return out
+    return out.reshape(final)
 
 
 def fold_backward(
@@ -279,18 +306,23 @@ def fold_backward(
     out_map: NDArray[np.int64],
     weight_dtype: Any = None,
     lazy: bool = False,
+    view: Sequence[int] | None = None,
 ) -> tuple[Any, F64]:
     """Fold ``aff`` applied to the layer's output into the layer.
 
-    ``out_map`` is the :func:`channel_map` of the weight's output channels. Returns the
-    new weight (same shape) and the new bias (one value per channel), computed in
-    float64. The weight is returned in float64, or rounded once to ``weight_dtype`` when
-    given (raising :class:`OverflowError` like :func:`round_to`); with ``lazy`` as a
+    ``out_map`` is the :func:`channel_map` of the weight's output channels, broadcastable
+    to the weight, or to ``view`` when given (a reshape of the weight in which the map
+    needs no full-size copy, see :func:`channel_map`). Returns the new weight (same
+    shape as ``weight``) and the new bias (one value per channel), computed in float64.
+    The weight is returned in float64, or rounded once to ``weight_dtype`` when given
+    (raising :class:`OverflowError` like :func:`round_to`); with ``lazy`` as a
     :class:`Scaled` where it provably cannot overflow.
     """
     b = np.zeros(aff.channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (aff.channels,))
-    w = _scaled(weight, _gather(aff.scale, out_map), weight_dtype, lazy)
+    shape = weight.shape if view is not None else None
+    w_view = weight.reshape(tuple(view)) if view is not None else weight
+    w = _scaled(w_view, _gather(aff.scale, out_map), weight_dtype, lazy, shape)
     return w, aff.scale * b + aff.shift
 
 
@@ -303,10 +335,12 @@ def fold_forward(
     out_channels: int,
     weight_dtype: Any = None,
     lazy: bool = False,
+    view: Sequence[int] | None = None,
 ) -> tuple[Any, F64]:
     """Fold ``aff`` applied to the layer's input into the layer (computed in float64).
 
-    ``in_map``/``out_map`` give every weight element's input and output channel. The new
+    ``in_map``/``out_map`` give every weight element's input and output channel
+    (broadcastable to the weight, or to its reshape ``view``: see :func:`fold_backward`). The new
     bias is ``b[o] + sum(W[e] * shift[in(e)] for e with out(e) == o)``; exact only when the
     layer applies no zero padding to its input (the caller checks that). The weight is
     float64, or rounded once to ``weight_dtype`` when given, or :class:`Scaled` with
@@ -314,8 +348,10 @@ def fold_forward(
     """
     b = np.zeros(out_channels) if bias is None else np.asarray(bias, dtype=np.float64)
     b = np.broadcast_to(b.reshape(-1), (out_channels,)).copy()
-    b += _weighted_sums(weight, _gather(aff.shift, in_map), out_map, out_channels)
-    return _scaled(weight, _gather(aff.scale, in_map), weight_dtype, lazy), b
+    shape = weight.shape if view is not None else None
+    w_view = weight.reshape(tuple(view)) if view is not None else weight
+    b += _weighted_sums(w_view, _gather(aff.shift, in_map), out_map, out_channels)
+    return _scaled(w_view, _gather(aff.scale, in_map), weight_dtype, lazy, shape), b
 
 
 def _weighted_sums(

@@ -788,3 +788,58 @@ def test_affine_identity() -> None:
     for composed in (ident.then(aff), aff.then(ident)):
         np.testing.assert_array_equal(composed.scale, aff.scale)
         np.testing.assert_array_equal(composed.shift, aff.shift)
+
+
+# ------------------------------------------------------------------------------------
+# group views: maps broadcast to a reshape of the weight instead of a full-size copy
+# ------------------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    seed=seeds,
+    groups=st.integers(1, 4),
+    c0=st.integers(1, 3),
+    c1=st.integers(1, 3),
+    k=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    transpose=st.booleans(),
+    lazy=st.booleans(),
+)
+def test_group_view_folds_equal_full_map_folds(
+    seed: int, groups: int, c0: int, c1: int, k: list[int], transpose: bool, lazy: bool
+) -> None:
+    """Backward (ConvTranspose) and forward (Conv, ConvTranspose) folds given the small
+    map and ``view`` give exactly the weights and biases of the full-size map."""
+    r = np.random.default_rng(seed)
+    view = (groups, c0, c1, *k)
+    w = r.normal(0, 1, (groups * c0, c1, *k)).astype(np.float32)
+    dt = np.dtype(np.float32)
+
+    def same(a: tuple[Any, Any], b: tuple[Any, Any]) -> None:
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+        assert np.asarray(a[0]).shape == w.shape
+        np.testing.assert_array_equal(a[1], b[1])
+
+    def full(axes: tuple[int, ...]) -> np.ndarray:
+        return channel_map(w.shape, axes, view=view)
+
+    # backward into ConvTranspose W[C_in, C_out/g, k]: output channel = axes (0, 2)
+    n_out = groups * c1
+    aff = Affine(r.uniform(0.5, 2, n_out), r.normal(0, 1, n_out))
+    same(
+        fold_backward(w, None, aff, channel_map(view, (0, 2)), dt, lazy, view=view),
+        fold_backward(w, None, aff, full((0, 2)), dt, lazy),
+    )
+    # forward: Conv W[C_out, C_in/g, k] (in (0, 2), out (0, 1)) or ConvTranspose
+    # W[C_in, C_out/g, k] (in (0, 1), out (0, 2))
+    ins, outs = ((0, 1), (0, 2)) if transpose else ((0, 2), (0, 1))
+    n_in = groups * (c0 if transpose else c1)
+    n_out = groups * (c1 if transpose else c0)
+    aff = Affine(r.uniform(0.5, 2, n_in), r.normal(0, 1, n_in))
+    bias = r.normal(0, 1, n_out)
+    small = fold_forward(
+        w, bias, aff, channel_map(view, ins), channel_map(view, outs), n_out, dt, lazy, view=view
+    )
+    big = fold_forward(w, bias, aff, full(ins), full(outs), n_out, dt, lazy)
+    np.testing.assert_array_equal(np.asarray(small[0]), np.asarray(big[0]))
+    np.testing.assert_allclose(small[1], big[1], rtol=1e-12, atol=1e-12)  # summation order

@@ -328,3 +328,25 @@ def test_bytes_split_cannot_read_are_parsed_the_ordinary_way(tmp_path: Path) -> 
     assert loaded.payloads is None and loaded.proto.graph.doc_string == "d"
     res = bnfuse.fuse(tmp_path / "m.onnx", tmp_path / "f.onnx")
     assert res.validation is not None and res.validation.passed and len(res.folds) == 2
+
+
+def test_blocks_of_a_group_view_split_below_the_first_axis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A product computed in a group view [g, C/g, ...] (2 groups of 1.25 KB here)
+    still comes in blocks of about BLOCK_BYTES, in C order, with the weight's shape."""
+    import bnfuse.fold as fold
+
+    monkeypatch.setattr(fold, "BLOCK_BYTES", 1024)
+    r = np.random.default_rng(6)
+    w = r.normal(0, 1, (10, 4, 4, 4)).astype(np.float32)
+    factor = r.uniform(0.5, 2, (2, 1, 4, 1, 1))
+    s = Scaled(w.reshape(2, 5, 4, 4, 4), factor, np.dtype(np.float32), shape=w.shape)
+    expected = (w.reshape(2, 5, 4, 4, 4) * factor).astype(np.float32).reshape(w.shape)
+    assert s.shape == w.shape and np.asarray(s).shape == w.shape
+    np.testing.assert_array_equal(np.asarray(s), expected)
+    sizes = [b.nbytes for b in s.blocks(reuse=True)]
+    assert sizes == [1024, 256, 1024, 256]  # rows of 256 B, 4 at a time, group by group
+    assert b"".join(b.tobytes() for b in s.blocks(reuse=False)) == expected.tobytes()
+    with pytest.raises(ValueError, match="not a reshape"):
+        Scaled(w, factor[0], np.dtype(np.float32), shape=(3, 3))

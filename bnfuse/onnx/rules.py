@@ -203,21 +203,39 @@ def _zero_padding(node: onnx.NodeProto) -> bool:
     return bool(pads) and any(int(p) != 0 for p in pads)
 
 
+def _group_view(shape: tuple[int, ...], groups: int) -> tuple[int, ...] | None:
+    """A grouped Conv/ConvTranspose weight split into its groups along axis 0
+    ([g, C0/g, C1, k...]), where channel maps broadcast without a full-size copy; None
+    for one group (the weight's own shape does)."""
+    return (groups, shape[0] // groups, *shape[1:]) if groups > 1 else None
+
+
 def _transpose_out_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    # ConvTranspose weight [C_in, C_out/g, k...]; output channel gi*(C_out/g)+j
-    view = (groups, shape[0] // groups, *shape[1:])
-    return channel_map(shape, (0, 2), view)
+    # ConvTranspose weight [C_in, C_out/g, k...]; output channel gi*(C_out/g)+j:
+    # axes (0, 2) of the group view
+    view = _group_view(shape, groups)
+    return channel_map(view, (0, 2)) if view is not None else channel_map(shape, (1,))
 
 
 def _conv_in_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    # Conv weight [C_out, C_in/g, k...]; input channel (o // (C_out/g))*(C_in/g) + r
-    view = (groups, shape[0] // groups, *shape[1:])
-    return channel_map(shape, (0, 2), view)
+    # Conv weight [C_out, C_in/g, k...]; input channel (o // (C_out/g))*(C_in/g) + r:
+    # axes (0, 2) of the group view
+    view = _group_view(shape, groups)
+    return channel_map(view, (0, 2)) if view is not None else channel_map(shape, (1,))
+
+
+def _conv_out_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
+    # Conv weight [C_out, C_in/g, k...]: the output channel is axis 0, axes (0, 1) of
+    # the group view
+    view = _group_view(shape, groups)
+    return channel_map(view, (0, 1)) if view is not None else channel_map(shape, (0,))
 
 
 def _transpose_in_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    # ConvTranspose weight [C_in, C_out/g, k...]: the input channel is axis 0
-    return channel_map(shape, (0,))
+    # ConvTranspose weight [C_in, C_out/g, k...]: the input channel is axis 0, axes
+    # (0, 1) of the group view
+    view = _group_view(shape, groups)
+    return channel_map(view, (0, 1)) if view is not None else channel_map(shape, (0,))
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,7 +306,12 @@ class _ConvLikeBN(BackwardRule):
         raise NotImplementedError
 
     def out_map(self, w: np.ndarray, groups: int) -> np.ndarray:
+        """Output channel of every weight element, broadcastable to :meth:`view`."""
         raise NotImplementedError
+
+    def view(self, w: np.ndarray, groups: int) -> tuple[int, ...] | None:
+        """The reshape of the weight :meth:`out_map` broadcasts to (None: its own shape)."""
+        return None
 
     def layout_reason(self, w: np.ndarray, groups: int) -> str | None:
         return None
@@ -315,7 +338,13 @@ class _ConvLikeBN(BackwardRule):
         groups = _conv_groups(p)
         aff = _affine_n(m.norm, self.out_channels(w, groups))
         w2, b2 = fold_backward(
-            w, _bias(g, p, 2), aff, self.out_map(w, groups), weight_dtype=w.dtype, lazy=True
+            w,
+            _bias(g, p, 2),
+            aff,
+            self.out_map(w, groups),
+            weight_dtype=w.dtype,
+            lazy=True,
+            view=self.view(w, groups),
         )
         like = p.input[2] if len(p.input) > 2 and p.input[2] else p.input[1]
         b2 = g.rounded(b2, like)  # every value rounded (overflow checked) before any write
@@ -349,6 +378,9 @@ class ConvTransposeBN(_ConvLikeBN):
 
     def out_map(self, w: np.ndarray, groups: int) -> np.ndarray:
         return _transpose_out_map(w.shape, groups)
+
+    def view(self, w: np.ndarray, groups: int) -> tuple[int, ...] | None:
+        return _group_view(w.shape, groups)
 
     def layout_reason(self, w: np.ndarray, groups: int) -> str | None:
         if w.shape[0] % groups:
@@ -613,14 +645,22 @@ class BNConv(ForwardRule):
             cout = w.shape[0]
             aff = _affine_n(norm, w.shape[1] * groups)
             in_map = _conv_in_map(w.shape, groups)
-            out_map = channel_map(w.shape, (0,))
+            out_map = _conv_out_map(w.shape, groups)
         else:
             cout = w.shape[1] * groups
             aff = _affine_n(norm, w.shape[0])
             in_map = _transpose_in_map(w.shape, groups)
             out_map = _transpose_out_map(w.shape, groups)
         w2, b2 = fold_forward(
-            w, _bias(g, c, 2), aff, in_map, out_map, cout, weight_dtype=w.dtype, lazy=True
+            w,
+            _bias(g, c, 2),
+            aff,
+            in_map,
+            out_map,
+            cout,
+            weight_dtype=w.dtype,
+            lazy=True,
+            view=_group_view(w.shape, groups),
         )
         has_bias = len(c.input) > 2 and bool(c.input[2])
         like = c.input[2] if has_bias else c.input[1]
