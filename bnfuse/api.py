@@ -75,8 +75,17 @@ def get_backend(model: Any) -> tuple[Backend, Path | None]:
     )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` are the same file (through links too), or name the same
+    place when one does not exist yet."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
 def _check_output_path(src: Path | None, output: Path, backend: Backend) -> None:
-    if src is not None and output.resolve() == src.resolve():
+    if src is not None and _same_file(output, src):
         raise UsageError(f"{output}: output would overwrite the input model; choose another path")
     if not output.parent.exists():
         raise UsageError(f"{output}: output directory {output.parent} does not exist")

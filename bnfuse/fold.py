@@ -101,6 +101,15 @@ def check_bn(
     mean: object, var: object, eps: float, gamma: object | None = None, beta: object | None = None
 ) -> str | None:
     """None when the BN statistics fold to a finite affine, else a user-readable reason."""
+    found = checked_bn_affine(mean, var, eps, gamma, beta)
+    return found if isinstance(found, str) else None
+
+
+def checked_bn_affine(
+    mean: object, var: object, eps: float, gamma: object | None = None, beta: object | None = None
+) -> Affine | str:
+    """:func:`bn_affine` after the checks of :func:`check_bn`: the affine, or why the
+    statistics do not fold to a finite one."""
     arrays = {"mean": mean, "variance": var, "gamma": gamma, "beta": beta}
     given = {
         label: np.asarray(arr, dtype=np.float64).reshape(-1)
@@ -115,7 +124,8 @@ def check_bn(
         return "non-finite BN epsilon"
     if (given["variance"] + float(eps) <= 0).any():
         return "variance + epsilon <= 0: BN is undefined"
-    return check_affine(bn_affine(mean, var, eps, gamma, beta))
+    aff = bn_affine(mean, var, eps, gamma, beta)
+    return check_affine(aff) or aff
 
 
 def check_affine(aff: Affine) -> str | None:

@@ -19,6 +19,7 @@ from bnfuse.backend import BenchTarget, FuseOptions, InputSpec, PassResult, atom
 from bnfuse.errors import ModelLoadError, UnsupportedModelError, UsageError, first_line
 from bnfuse.onnx import external, serialize, wire
 from bnfuse.onnx.fuse import RULE_NAMES, fuse_model
+from bnfuse.onnx.graph import SUBGRAPH_OPS
 from bnfuse.onnx.payloads import LOCATION, Payloads, Span, is_placeholder, raw_dtype
 from bnfuse.result import ModelStats
 
@@ -177,17 +178,20 @@ def _count(model: onnx.ModelProto) -> tuple[int, int, int]:
 
     def walk(graph: onnx.GraphProto) -> None:
         nonlocal nodes, bns, params
-        for t in graph.initializer:
-            params += math.prod(t.dims)
+        params += sum(math.prod(t.dims) for t in graph.initializer)
+        ops = [n.op_type for n in graph.node]
+        nodes += len(ops)
+        bns += sum(op in NORM_OPS for op in ops)
         for n in graph.node:
-            nodes += 1
-            bns += n.op_type in NORM_OPS
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.type == onnx.AttributeProto.TENSOR:
-                        params += math.prod(a.t.dims)
+            standard = n.domain in ("", "ai.onnx")
+            if (standard and n.op_type not in SUBGRAPH_OPS and n.op_type != "Constant") or (
+                not n.attribute
+            ):
+                continue  # only these standard ops hold a graph or a weight
             for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
+                if a.type == onnx.AttributeProto.TENSOR and n.op_type == "Constant":
+                    params += math.prod(a.t.dims)
+                elif a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)
                 elif a.type == onnx.AttributeProto.GRAPHS:
                     for sub in a.graphs:
@@ -396,7 +400,7 @@ class OnnxBackend:
         size = None
         if path is not None and Path(path).exists():
             size = Path(path).stat().st_size
-            for f in self._data_files.get(Path(path).resolve(), []):
+            for f in self._data_files.get(Path(path).resolve(), []) if self._data_files else ():
                 if f.exists():
                     size += f.stat().st_size
         return ModelStats(nodes=nodes, bn_nodes=bns, params=params, file_size=size)
@@ -440,7 +444,8 @@ class OnnxBackend:
             return
         with atomic_path(path) as tmp:
             serialize.write(m.proto, tmp, m.payloads, nested)
-        self._data_files.pop(path.resolve(), None)
+        if self._data_files:
+            self._data_files.pop(path.resolve(), None)
 
 
 def _cpu_session(data: str | bytes, level: str, threads: int) -> Any:

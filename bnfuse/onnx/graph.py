@@ -44,7 +44,7 @@ def node_label(node: onnx.NodeProto) -> str:
 _RECENT = 6
 
 #: the standard ops with graph attributes (other domains are checked attribute by attribute)
-_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -148,7 +148,7 @@ class Graph:
                 if i and i not in seen:
                     self.consumers.setdefault(i, []).append(node)
                     seen.add(i)
-            if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+            if node.op_type not in SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
                 continue  # only these standard ops have graph attributes
             for sub in subgraphs(node):
                 for name in outer_names_used(sub) - seen:
@@ -434,7 +434,7 @@ class Graph:
         """Names ``node`` reads: its inputs and, for ops with subgraphs, their outer
         references (the same rule as :meth:`reindex`)."""
         names = {i for i in node.input if i}
-        if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+        if node.op_type not in SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
             return names
         for sub in subgraphs(node):
             names |= outer_names_used(sub)

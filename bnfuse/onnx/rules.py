@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from bnfuse.errors import FusionInvariantError
-from bnfuse.fold import Affine, channel_map, check_bn, fold_backward, fold_forward
+from bnfuse.fold import Affine, channel_map, checked_bn_affine, fold_backward, fold_forward
 from bnfuse.onnx.graph import Graph, attr, node_label, set_attr
 
 #: ``Norm.axis`` of an element-wise affine (see ``Norm.elem_shape``).
@@ -116,18 +116,16 @@ def bn_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str:
     n = mean.size
     if not all(a.size == n for a in (scale, bias, var)):
         return "BN parameters have different lengths"
-    reason = check_bn(mean, var, eps, scale, bias)
-    if reason:
-        return reason
-    from bnfuse.fold import bn_affine
-
+    aff = checked_bn_affine(mean, var, eps, scale, bias)
+    if isinstance(aff, str):
+        return aff
     return Norm(
         name=node_label(node),
         kind="BatchNormalization",
         nodes=[node],
         input=node.input[0],
         output=node.output[0],
-        affine=bn_affine(mean, var, eps, scale, bias),
+        affine=aff,
         axis=1,
         params=list(node.input[1:5]),
         rank=g.rank(node.input[0]),
