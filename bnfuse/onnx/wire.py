@@ -42,6 +42,8 @@ class WireError(ValueError):
 
 def varint(n: int) -> bytes:
     """``n`` (>= 0) as a protobuf varint."""
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while True:
         low = n & 0x7F
@@ -51,6 +53,9 @@ def varint(n: int) -> bytes:
         else:
             out.append(low)
             return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def tag(number: int, wire_type: int) -> bytes:
@@ -87,19 +92,31 @@ def fields(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int, i
     pos = start
     while pos < end:
         field_start = pos
-        key, pos = _read_varint(buf, pos, end)
+        key = buf[pos]  # one-byte varints (most tags, lengths and values) read inline
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos, end)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
         if wire_type == _LEN:
-            length, pos = _read_varint(buf, pos, end)
+            length = buf[pos] if pos < end else 0x80
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = _read_varint(buf, pos, end)
             value_end = pos + length
             if value_end > end:
                 raise WireError("length runs past the end")
             yield number, wire_type, field_start, pos, value_end
             pos = value_end
         elif wire_type == _VARINT:
-            value, pos = _read_varint(buf, pos, end)
+            value = buf[pos] if pos < end else 0x80
+            if value < 0x80:
+                pos += 1
+            else:
+                value, pos = _read_varint(buf, pos, end)
             yield number, wire_type, field_start, value, pos
         elif wire_type in (_I64, _I32):
             pos += 8 if wire_type == _I64 else 4
@@ -110,11 +127,14 @@ def fields(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int, i
             raise WireError(f"unsupported wire type {wire_type}")
 
 
+_KEY_TAG, _VALUE_TAG, _EXTERNAL_TAG = tag(1, _LEN), tag(2, _LEN), tag(_T_EXTERNAL_DATA, _LEN)
+
+
 def _entry(key: str, value: str) -> bytes:
     """An ``external_data`` entry (StringStringEntryProto: key = 1, value = 2)."""
     k, v = key.encode(), value.encode()
-    body = tag(1, _LEN) + varint(len(k)) + k + tag(2, _LEN) + varint(len(v)) + v
-    return tag(_T_EXTERNAL_DATA, _LEN) + varint(len(body)) + body
+    body = b"".join((_KEY_TAG, varint(len(k)), k, _VALUE_TAG, varint(len(v)), v))
+    return b"".join((_EXTERNAL_TAG, varint(len(body)), body))
 
 
 def _plain_payload(buf: Buffer, start: int, end: int) -> tuple[int, int, int] | None:
@@ -190,6 +210,6 @@ def _split(
     if not spans:
         return None
     body.append(view[copied:g1])
-    size = sum(len(b) for b in body)
+    size = sum(map(len, body))
     head = (view[:g_field], tag(_MODEL_GRAPH, _LEN), varint(size))
     return b"".join((*head, *body, view[g1:])), spans
