@@ -5,12 +5,15 @@ For every model in ``benchmarks/models.py`` (built in code, no downloads), in on
 * bnfuse:      ``bnfuse.fuse(path, out, validate=False)``   (load, fold, save)
 * onnxruntime: ``InferenceSession(path, so)`` with ``ORT_ENABLE_BASIC`` and
   ``so.optimized_model_filepath = out``                      (load, optimize, save)
+* a yardstick, "no-fold": bnfuse with every rule skipped (load, checks, BNs found and
+  refused, save of an unchanged copy): the fixed cost a fold pass starts from
 
-Repetitions are interleaved (bnfuse, ORT, ORT, bnfuse, ...) after one untimed warm-up
-of each; each writes a new file (the previous output is deleted untimed); medians are
-compared. Then both written models are loaded with ``onnx`` to count
-the BatchNormalization nodes left, and both are run against the original (onnxruntime,
-optimizations disabled) on random inputs to report the largest output difference.
+Repetitions are interleaved (bnfuse, ORT, no-fold, no-fold, ORT, bnfuse, ...) after one
+untimed warm-up of each; each writes a new file (the previous output is deleted
+untimed); medians are compared. Then both written models are loaded with ``onnx`` to
+count the BatchNormalization nodes left, and both are run against the original
+(onnxruntime, optimizations disabled) on random inputs to report the largest output
+difference.
 
 Targets (issue 2): bnfuse no slower than onnxruntime on every model (ratio <= 1), and it
 folds every BN that onnxruntime folds. Missing a target is reported, not an error: the
@@ -62,6 +65,16 @@ def run_bnfuse(src: Path, dst: Path) -> Any:
     import bnfuse
 
     return bnfuse.fuse(src, dst, validate=False)
+
+
+def run_floor(src: Path, dst: Path) -> Any:
+    """bnfuse with every rule skipped: load, checks, BNs found and refused, counts and an
+    atomic write of the unchanged model - the fixed cost a fold pass starts from (not a
+    target, a yardstick)."""
+    import bnfuse
+    from bnfuse.onnx.backend import OnnxBackend
+
+    return bnfuse.fuse(src, dst, validate=False, skip=OnnxBackend().rule_names())
 
 
 def run_ort(src: Path, dst: Path) -> None:
@@ -139,6 +152,7 @@ class Row:
     size_mb: float
     bnfuse_s: list[float] = field(default_factory=list)
     ort_s: list[float] = field(default_factory=list)
+    floor_s: list[float] = field(default_factory=list)
     bnfuse_left: list[str] = field(default_factory=list)
     ort_left: list[str] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
@@ -154,6 +168,10 @@ class Row:
     @property
     def ort_ms(self) -> float:
         return 1000 * statistics.median(self.ort_s)
+
+    @property
+    def floor_ms(self) -> float:
+        return 1000 * statistics.median(self.floor_s)
 
     @property
     def ratio(self) -> float:
@@ -182,6 +200,7 @@ def bench_model(name: str, reps: int, work: Path, profile: bool) -> Row:
     row = Row(name, doc, info["nodes"], info["bn"], info["params"], src.stat().st_size / 1e6)
     del model
     out_b, out_o = work / f"{name}.bnfuse.onnx", work / f"{name}.ort.onnx"
+    out_n = work / f"{name}.floor.onnx"
 
     def one_bnfuse() -> Any:
         return run_bnfuse(src, out_b)
@@ -189,10 +208,13 @@ def bench_model(name: str, reps: int, work: Path, profile: bool) -> Row:
     def one_ort() -> Any:
         return run_ort(src, out_o)
 
-    one_bnfuse(), one_ort()  # warm-up: page cache, lazy imports, allocator
+    def one_floor() -> Any:
+        return run_floor(src, out_n)
+
+    one_bnfuse(), one_ort(), one_floor()  # warm-up: page cache, lazy imports, allocator
     result = None
     for i in range(reps):
-        order = (("b", one_bnfuse, out_b), ("o", one_ort, out_o))
+        order = (("b", one_bnfuse, out_b), ("o", one_ort, out_o), ("n", one_floor, out_n))
         for who, fn, dst in order if i % 2 == 0 else order[::-1]:
             # both write a new file: replacing an existing one makes the kernel free the
             # old file's pages inside the timed call (tens of ms at 100 MB), for either tool
@@ -201,8 +223,10 @@ def bench_model(name: str, reps: int, work: Path, profile: bool) -> Row:
             if who == "b":
                 row.bnfuse_s.append(dt)
                 result = out
-            else:
+            elif who == "o":
                 row.ort_s.append(dt)
+            else:
+                row.floor_s.append(dt)
 
     row.bnfuse_left = bn_names(onnx.load(str(out_b)))
     row.ort_left = bn_names(onnx.load(str(out_o)))
@@ -226,6 +250,7 @@ def warm_up(work: Path) -> None:
     onnx.save(bench_models.build("small_mixed"), str(src))
     run_bnfuse(src, work / "warmup.bnfuse.onnx")
     run_ort(src, work / "warmup.ort.onnx")
+    run_floor(src, work / "warmup.floor.onnx")
     phase_breakdown(src, work / "warmup.phases.onnx")
 
 
@@ -312,13 +337,15 @@ def fmt_ms(seconds: list[float]) -> str:
 def table(rows: list[Row]) -> list[str]:
     head = (
         "| model | BNs | params | file MB | bnfuse ms | ORT ms | ratio bnfuse/ORT "
+        "| bnfuse no-fold ms | no-fold/ORT "
         "| BNs left bnfuse | BNs left ORT | folds all ORT folds | max diff bnfuse | max diff ORT |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r.name} | {r.bns} | {r.params / 1e6:.2f}M | {r.size_mb:.1f} "
             f"| {r.bnfuse_ms:.1f} | {r.ort_ms:.1f} | **{r.ratio:.2f}** "
+            f"| {r.floor_ms:.1f} | {r.floor_ms / r.ort_ms:.2f} "
             f"| {len(r.bnfuse_left)} | {len(r.ort_left)} | {'yes' if r.folds_ok else 'NO'} "
             f"| {r.err_bnfuse:.1e} | {r.err_ort:.1e} |"
         )
@@ -397,8 +424,12 @@ def render_markdown(
         "- onnxruntime: `InferenceSession(path, so)` with `ORT_ENABLE_BASIC` and "
         "`optimized_model_filepath` - load, optimize, write (session initialisation included, "
         "as that is what the offline optimizer costs).",
+        "- bnfuse no-fold (a yardstick, not a contender): the same call with every rule "
+        "skipped - load, checks, BNs found and refused, counts and the atomic write of an "
+        "unchanged copy: the fixed cost a fold pass starts from.",
         f"- One untimed warm-up each, then {reps} timed runs each, interleaved "
-        "(bnfuse, ORT, ORT, bnfuse, ...); the median is reported. Ratio < 1 means bnfuse is faster.",
+        "(bnfuse, ORT, no-fold, no-fold, ORT, bnfuse, ...); the median is reported. "
+        "Ratio < 1 means bnfuse is faster.",
         "- Each timed run writes a new file (the previous output is deleted untimed first), "
         "for both tools alike.",
         "- BNs left: BatchNormalization nodes in each written file (loaded with `onnx`).",
@@ -495,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(
                 f"  bnfuse {row.bnfuse_ms:.1f} ms  ORT {row.ort_ms:.1f} ms  ratio {row.ratio:.2f}  "
+                f"no-fold {row.floor_ms:.1f} ms  "
                 f"BNs left {len(row.bnfuse_left)}/{len(row.ort_left)} (bnfuse/ORT)  "
                 f"diff {row.err_bnfuse:.1e}/{row.err_ort:.1e}",
                 flush=True,
