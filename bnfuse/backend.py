@@ -7,9 +7,9 @@ so that fusing an ONNX model never imports tensorflow.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -147,22 +147,21 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path in ``dest``'s directory; rename it onto ``dest`` on success.
 
     The temporary file exists (empty) when it is yielded, with the permissions ``dest``
-    gets: those of the file it replaces, else ``0o666`` less the umask (as any new file;
-    ``mkstemp`` alone would leave ``0o600``). Writers should fill it without truncating
-    it (:func:`open_fresh`): on ext4, opening an existing file with ``O_TRUNC`` makes
-    the kernel flush it to disk on close (``auto_da_alloc``; measured 1.5 ms for 2.7 MB).
+    gets: those of the file it replaces, else those of any new file (``0o666`` less the
+    umask, applied by the kernel; ``tempfile.mkstemp`` would leave ``0o600``). Writers
+    should fill it without truncating it (:func:`open_fresh`): on ext4, opening an
+    existing file with ``O_TRUNC`` makes the kernel flush it to disk on close
+    (``auto_da_alloc``; measured 1.5 ms for 2.7 MB).
 
     On any exception (KeyboardInterrupt included) the temporary file is removed, so an
     interrupted write never leaves a partial output behind.
     """
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{dest.name}.", suffix=f".bnfuse-tmp{dest.suffix}", dir=dest.parent
-    )
-    tmp_path = Path(tmp)
+    fd, tmp_path = _new_temp(dest)
     try:
         try:
-            os.fchmod(fd, _new_file_mode(dest))
+            with suppress(FileNotFoundError):  # replacing a file: keep its mode
+                os.fchmod(fd, os.stat(dest).st_mode & 0o7777)
         finally:
             os.close(fd)
         yield tmp_path
@@ -172,16 +171,17 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         raise
 
 
-def _new_file_mode(dest: Path) -> int:
-    """Permission bits for a file written at ``dest``: kept from the file it replaces,
-    else the default for a new file (``0o666`` less the process umask)."""
-    try:
-        return os.stat(dest).st_mode & 0o7777
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
+def _new_temp(dest: Path) -> tuple[int, Path]:
+    """Create a new, empty file with a random name beside ``dest`` (``O_EXCL``, so an
+    existing file or link is never reused); returns its descriptor and path."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.bnfuse-tmp{dest.suffix}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {dest}")
 
 
 def open_fresh(path: str | os.PathLike[str]) -> Any:

@@ -224,6 +224,7 @@ def export_onnx(model: Any, path: Path) -> list[str]:
                 "ONNX backend not available: the export was written without an ONNX fold pass"
             )
             with atomic_path(path) as final:
+                os.chmod(tmp, os.stat(final).st_mode & 0o7777)  # not mkstemp's 0o600
                 os.replace(tmp, final)
             return notes
         ob = onnx_backend
