@@ -94,6 +94,40 @@ def test_onnx_output(tmp_path: Path, model: keras.Model, fused: keras.Model) -> 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".h5", ".onnx"])
+@pytest.mark.parametrize("onnx_backend", [True, False])
+def test_outputs_get_the_permissions_of_a_new_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fused: keras.Model,
+    suffix: str,
+    onnx_backend: bool,
+) -> None:
+    """Written through temporary files, never left at mkstemp's 0o600 - the ONNX export
+    included, with or without the ONNX backend's fold pass over it."""
+    import os
+    import stat
+
+    if suffix == ".onnx":
+        pytest.importorskip("tf2onnx")
+    elif not onnx_backend:
+        pytest.skip("the ONNX backend only matters for .onnx outputs")
+    if not onnx_backend:
+        import bnfuse.keras.io as keras_io
+
+        monkeypatch.setattr(keras_io, "_onnx_backend", lambda: None)
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / f"fused{suffix}"
+        BACKEND.save(fused, out)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    if not onnx_backend:
+        assert any("without an ONNX fold pass" in n for n in BACKEND.save_notes)
+
+
 def test_load_errors(tmp_path: Path, model: keras.Model) -> None:
     not_zip = tmp_path / "a.keras"
     not_zip.write_text("hello")
