@@ -110,6 +110,9 @@ def checked_bn_affine(
 ) -> Affine | str:
     """:func:`bn_affine` after the checks of :func:`check_bn`: the affine, or why the
     statistics do not fold to a finite one."""
+    fast = _finite_bn_affine(mean, var, eps, gamma, beta)
+    if fast is not None:
+        return fast
     arrays = {"mean": mean, "variance": var, "gamma": gamma, "beta": beta}
     given = {
         label: np.asarray(arr, dtype=np.float64).reshape(-1)
@@ -126,6 +129,35 @@ def checked_bn_affine(
         return "variance + epsilon <= 0: BN is undefined"
     aff = bn_affine(mean, var, eps, gamma, beta)
     return check_affine(aff) or aff
+
+
+def _finite_bn_affine(
+    mean: object, var: object, eps: float, gamma: object | None, beta: object | None
+) -> Affine | None:
+    """The affine when every check of :func:`checked_bn_affine` passes (one pass over
+    the statistics for finiteness), else None: the caller then finds the reason."""
+    if not math.isfinite(eps):
+        return None
+    parts = [
+        np.asarray(x, dtype=np.float64).reshape(-1)
+        for x in (mean, var, gamma, beta)
+        if x is not None
+    ]
+    if not np.isfinite(np.concatenate(parts)).all():
+        return None
+    m = parts[0]
+    n = m.shape[0]
+    v = _vec(var, n, 1.0)
+    if not (v + float(eps) > 0).all():
+        return None
+    g = _vec(gamma, n, 1.0)
+    b = _vec(beta, n, 0.0)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        s = g / np.sqrt(v + float(eps))
+        t = b - s * m
+    if not (np.isfinite(s).all() and np.isfinite(t).all()):
+        return None
+    return Affine(s, t)
 
 
 def check_affine(aff: Affine) -> str | None:

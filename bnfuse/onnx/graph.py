@@ -335,7 +335,7 @@ class Graph:
             if isinstance(src, onnx.TensorProto):  # a lazy copy's original
                 return _to_array(src)
             try:
-                return self.payloads.array(t)
+                return self.payloads.array(t, src)
             except ValueError as exc:
                 raise MalformedNodeError(str(exc)) from None
         return _to_array(t)
@@ -674,9 +674,10 @@ def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
         if a.name != name:
             continue
-        where = f"attribute {name!r} of {node.op_type} {node_label(node)!r}"
         if a.ref_attr_name:
-            raise MalformedNodeError(f"{where} comes from the enclosing function's call site")
+            raise MalformedNodeError(
+                f"{_attr_where(node, name)} comes from the enclosing function's call site"
+            )
         try:
             value = onnx.helper.get_attribute_value(a)
         except Exception:
@@ -695,9 +696,13 @@ def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
                 kind = onnx.AttributeProto.AttributeType.Name(a.type)
             except ValueError:
                 kind = str(a.type)
-            raise MalformedNodeError(f"{where} has an unexpected type ({kind})")
+            raise MalformedNodeError(f"{_attr_where(node, name)} has an unexpected type ({kind})")
         return value
     return default
+
+
+def _attr_where(node: onnx.NodeProto, name: str) -> str:
+    return f"attribute {name!r} of {node.op_type} {node_label(node)!r}"
 
 
 def set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:

@@ -193,12 +193,13 @@ class Payloads:
             return memoryview(e.buf)[e.whole[0] : e.whole[1]]
         return None
 
-    def array(self, t: onnx.TensorProto) -> np.ndarray:
-        """The value of placeholder ``t``: a read-only view where possible.
+    def array(self, t: onnx.TensorProto, entry: Entry | None = None) -> np.ndarray:
+        """The value of placeholder ``t``: a read-only view where possible (``entry``:
+        ``self.entry(t)``, when the caller has it).
 
         Raises ValueError when the payload does not match the tensor's shape and type.
         """
-        e = self.entry(t)
+        e = entry if entry is not None else self.entry(t)
         if e is None:
             raise ValueError(f"tensor {t.name!r} is not a placeholder of this store")
         if isinstance(e, np.ndarray):
