@@ -76,12 +76,10 @@ def get_backend(model: Any) -> tuple[Backend, Path | None]:
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` are the same file (through links too), or name the same
-    place when one does not exist yet."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
+    """True when writing ``a`` would replace ``b``: the same path after symbolic links
+    are followed (an ``a`` that does not exist yet cannot be ``b``; a hard link is its
+    own directory entry, which the atomic rename replaces, leaving ``b`` alone)."""
+    return os.path.lexists(a) and a.resolve() == b.resolve()
 
 
 def _check_output_path(src: Path | None, output: Path, backend: Backend) -> None:

@@ -147,9 +147,9 @@ def _finite_bn_affine(
         return None
     m = parts[0]
     n = m.shape[0]
-    v = _vec(var, n, 1.0)
-    if not (v + float(eps) > 0).all():
+    if not (np.asarray(var, dtype=np.float64) + float(eps) > 0).all():
         return None
+    v = _vec(var, n, 1.0)
     g = _vec(gamma, n, 1.0)
     b = _vec(beta, n, 0.0)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

@@ -75,10 +75,15 @@ def write_case(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
         onnx.save(good_model(), p)
         extra = ["--report", str(tmp_path / "r.txt")]
     elif case == "fails_at_run":
-        # onnxruntime creates the session but the Conv fails when run (group=0; found
-        # by the mutation fuzz): the original cannot be evaluated
-        m = good_model()
-        conv = next(n for n in m.graph.node if n.op_type == "Conv")
+        # onnxruntime creates the session but a Conv fails when run (group=0; found by
+        # the mutation fuzz): the original cannot be evaluated. That Conv comes after
+        # the fold (bnfuse refuses to fold into a Conv with group=0 itself)
+        b = GraphBuilder(seed=31)
+        x = b.input("x", ["N", 3, 8, 8])
+        y = b.bn(b.conv(x, 3, 4, [3, 3]), 4, name="bn")
+        b.output(b.conv(b.node("Relu", [y]), 4, 4, [1, 1]))
+        m = b.model()
+        conv = [n for n in m.graph.node if n.op_type == "Conv"][-1]
         attrs = [a for a in conv.attribute if a.name != "group"]
         del conv.attribute[:]
         conv.attribute.extend([*attrs, helper.make_attribute("group", 0)])

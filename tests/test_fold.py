@@ -843,3 +843,49 @@ def test_group_view_folds_equal_full_map_folds(
     big = fold_forward(w, bias, aff, full(ins), full(outs), n_out, dt, lazy)
     np.testing.assert_array_equal(np.asarray(small[0]), np.asarray(big[0]))
     np.testing.assert_allclose(small[1], big[1], rtol=1e-12, atol=1e-12)  # summation order
+
+
+@MEDIUM
+@given(
+    c=st.integers(0, 4),
+    data=st.data(),
+    eps=st.sampled_from([1e-5, 0.0, -1.0, float("inf"), float("nan")]),
+)
+def test_checked_bn_affine_fast_path_agrees_with_the_detailed_checks(
+    c: int, data: st.DataObject, eps: float
+) -> None:
+    """The one-pass path returns exactly the detailed path's affine, and defers to it
+    (None) whenever that path finds a reason: NaN/Inf anywhere, var + eps <= 0, an
+    overflowing affine, scalar-broadcast statistics, no gamma or beta."""
+    from unittest import mock
+
+    import bnfuse.fold as fold
+
+    values = st.sampled_from([0.0, 1.0, -2.0, 0.5, 1e-300, 1e308, float("inf"), float("nan")])
+
+    def vec(optional: bool) -> np.ndarray | None:
+        if optional and data.draw(st.booleans()):
+            return None
+        n = data.draw(st.sampled_from([c, 1])) if c != 1 else 1
+        return np.array(data.draw(st.lists(values, min_size=n, max_size=n)), np.float64)
+
+    mean = vec(False)
+    assert mean is not None
+    var, gamma, beta = vec(False), vec(True), vec(True)
+    try:
+        got = fold.checked_bn_affine(mean, var, eps, gamma, beta)
+    except ValueError:  # lengths that do not broadcast: both paths raise
+        with (
+            mock.patch.object(fold, "_finite_bn_affine", lambda *a: None),
+            pytest.raises(ValueError),
+        ):
+            fold.checked_bn_affine(mean, var, eps, gamma, beta)
+        return
+    with mock.patch.object(fold, "_finite_bn_affine", lambda *a: None):
+        want = fold.checked_bn_affine(mean, var, eps, gamma, beta)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert isinstance(got, Affine)
+        np.testing.assert_array_equal(got.scale, want.scale)
+        np.testing.assert_array_equal(got.shift, want.shift)

@@ -369,3 +369,80 @@ def test_shape_inference_runs_once_when_a_rule_needs_a_shape(
     model = b.model()
     folded(model, 1)
     assert len(calls) == 1
+
+
+def test_rank_is_proven_only_for_the_first_output_of_a_rank_keeping_op() -> None:
+    """A training-mode BatchNormalization's running mean is a vector, not its input's
+    rank; nothing is proven for it (shape inference, if it runs, says)."""
+    from bnfuse.onnx.graph import Graph, NameSource
+
+    b = GraphBuilder(seed=7)
+    x = b.input("x", ["N", 3, 4, 4])
+    params = [b.const(np.ones(3, np.float32)) for _ in range(4)]
+    bn = onnx.helper.make_node(
+        "BatchNormalization", [x, *params], ["y", "rm", "rv"], training_mode=1, name="bn"
+    )
+    b.nodes.append(bn)
+    b.output("y")
+    model = b.model()
+    g = Graph(model.graph, NameSource(model))
+    assert g.rank("y") == 4
+    assert g.rank("rm") is None and g.rank("") is None
+
+
+def test_lazy_inference_after_earlier_folds_gives_the_eager_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Conv -> BN folds first; the residual BN -> Flatten -> Gemm then needs a shape, so
+    inference runs on the partly fused model: the output is the one inference on the
+    untouched model gives."""
+    import bnfuse.onnx.fuse as fuse_mod
+
+    calls = _inference_calls(monkeypatch)
+    b = GraphBuilder(seed=8)
+    x = b.input("x", ["N", 3, 4, 4])
+    y = b.bn(b.conv(x, 3, 3, [1, 1]), 3, name="first")
+    y = b.node("Add", [b.node("Relu", [y]), x])
+    y = b.node("Flatten", [b.bn(y, 3, name="second")], axis=1)
+    b.output(b.node("Gemm", [y, b.weight([48, 2])]))
+    model = b.model()
+    lazy = fuse(model)
+    assert sorted(f.bn for f in lazy.folds) == ["first", "second"], lazy.refusals
+    assert len(calls) == 1
+    assert_close(model, lazy.model)
+    monkeypatch.setattr(fuse_mod, "lazy_shape_tree", fuse_mod.shape_tree)
+    eager = fuse(model)
+    assert lazy.model.SerializeToString() == eager.model.SerializeToString()
+
+
+def test_inference_for_subgraphs_runs_before_any_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subgraph shapes are keyed by node index: with an If node, inference runs when the
+    subgraphs are visited, before the first fold changes the node list."""
+    import bnfuse.onnx.rules as rules
+
+    order: list[str] = []
+    calls = _inference_calls(monkeypatch)
+    real = rules.ConvBN.rewrite
+
+    def rewrite(self, m, g):  # type: ignore[no-untyped-def]
+        order.append(f"fold after {len(calls)} inference(s)")
+        return real(self, m, g)
+
+    monkeypatch.setattr(rules.ConvBN, "rewrite", rewrite)
+    b = GraphBuilder(seed=9)
+    x = b.input("x", ["N", 3, 4, 4])
+    y = b.bn(b.conv(x, 3, 3, [1, 1]), 3, name="outer")
+    sub = GraphBuilder(seed=10)
+    sub._n = 100  # names of its own, apart from the outer graph's
+    z = sub.bn(sub.conv(y, 3, 3, [1, 1]), 3, name="inner")
+    out = onnx.helper.make_tensor_value_info(z, onnx.TensorProto.FLOAT, None)
+    branch = onnx.helper.make_graph(sub.nodes, "branch", [], [out], sub.inits)
+    cond = b.const(np.array(True))
+    b.nodes.append(
+        onnx.helper.make_node(
+            "If", [cond], ["out"], then_branch=branch, else_branch=branch, name="if"
+        )
+    )
+    b.output("out")
+    res = fuse(b.model())
+    assert len(res.folds) == 3 and order and all(o == "fold after 1 inference(s)" for o in order)

@@ -350,3 +350,14 @@ def test_blocks_of_a_group_view_split_below_the_first_axis(
     assert b"".join(b.tobytes() for b in s.blocks(reuse=False)) == expected.tobytes()
     with pytest.raises(ValueError, match="not a reshape"):
         Scaled(w, factor[0], np.dtype(np.float32), shape=(3, 3))
+
+
+def test_fields_stop_at_the_end_of_a_sub_range() -> None:
+    """Varints are read inline up to ``end``: a tag, length or value cut off by the end
+    of the range is an error even where the buffer goes on."""
+    body = wire.tag(1, 2) + wire.varint(3) + b"abc" + wire.tag(2, 0) + wire.varint(300)
+    data = body + b"\x00" * 8
+    assert [f[0] for f in wire.fields(data, 0, len(body))] == [1, 2]
+    for end in (1, 2, len(body) - 1):
+        with pytest.raises(wire.WireError):
+            list(wire.fields(data, 0, end))

@@ -201,3 +201,18 @@ def test_forward_fold_into_several_rules_names_each() -> None:
         ("bn", "forward", "bn-gemm+bn-conv")
     ]
     assert_close(m, res.model)
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+@pytest.mark.parametrize("group", [0, 3])
+def test_bn_before_a_conv_whose_group_does_not_divide_is_refused(op: str, group: int) -> None:
+    """BN -> Conv/ConvTranspose with group=0, or a group that does not divide the
+    weight's first axis (4 channels, group 3): a malformed node, refused - not a crash."""
+    b = GraphBuilder(seed=9)
+    x = b.input("x", ["N", 4, 5, 5])
+    y = b.bn(b.node("Relu", [x]), 4, eps=1e-3, name="bn")
+    shape = [4, 1, 1, 1] if op == "Conv" else [4, 2, 1, 1]
+    b.output(b.node(op, [y, b.weight(shape)], group=group))
+    res = fuse(b.model(), check=False)
+    reason = only_refusal(res)
+    assert ("group=0" in reason) if group == 0 else ("do not divide into group=3" in reason)

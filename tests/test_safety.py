@@ -204,3 +204,52 @@ def test_writer_cuts_what_an_existing_file_held_beyond_the_model(tmp_path: Path)
     serialize.write(model, path)
     assert path.read_bytes() == serialize.to_bytes(model)
     assert onnx.load(str(path)) == model
+
+
+def test_output_is_writable_while_written_then_gets_its_final_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only mode (a 0o444 file replaced, or umask 0o222) is set only after the
+    write: the writers reopen the temporary file, which must stay writable until then
+    (root could write it anyway, so the mode is checked, not the open)."""
+    from bnfuse.onnx import serialize
+
+    src = make(tmp_path / "m.onnx")
+    seen: list[int] = []
+    real = serialize.write
+
+    def spy(model, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(stat.S_IMODE(os.stat(path).st_mode))
+        return real(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(serialize, "write", spy)
+    out = tmp_path / "ro.onnx"
+    out.write_bytes(b"old")
+    out.chmod(0o444)
+    bnfuse.fuse(src, out, validate=False)
+    assert seen[-1] & stat.S_IWUSR and _mode(out) == 0o444
+    assert onnx.load(str(out)).graph.node
+    old = os.umask(0o222)
+    try:
+        bnfuse.fuse(src, tmp_path / "new.onnx", validate=False)
+    finally:
+        os.umask(old)
+    assert seen[-1] & stat.S_IWUSR and _mode(tmp_path / "new.onnx") == 0o444
+
+
+def test_output_may_be_a_hard_link_to_the_input_but_not_a_symlink(tmp_path: Path) -> None:
+    """Writing replaces the output's directory entry: a hard link to the input is
+    replaced and the input keeps its bytes; a symbolic link would lead to the input."""
+    from bnfuse.errors import UsageError
+
+    src = make(tmp_path / "m.onnx")
+    before = digest(src)
+    hard = tmp_path / "hard.onnx"
+    os.link(src, hard)
+    res = bnfuse.fuse(src, hard, validate=False)
+    assert res.written and digest(src) == before and digest(hard) != before
+    soft = tmp_path / "soft.onnx"
+    soft.symlink_to(src)
+    with pytest.raises(UsageError, match="would overwrite the input"):
+        bnfuse.fuse(src, soft, validate=False)
+    assert digest(src) == before

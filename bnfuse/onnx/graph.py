@@ -271,6 +271,8 @@ class Graph:
         its input's rank (>= 2), and element-wise ops with a constant of no larger rank,
         BatchNormalization and Relu-like ops keep their input's rank.
         """
+        if not name:
+            return None
         proven = self._proven_rank(name, _depth)
         if proven is not None:
             return proven
@@ -291,7 +293,7 @@ class Graph:
             return None
         op = prod.op_type
         if op == "Constant" and self.const_reason(name) is None:
-            return int(self.const(name).ndim)
+            return len(self._dims(name))
         if op in ("Conv", "ConvTranspose") and len(prod.input) > 1:
             w = prod.input[1]
             if self.const_reason(w) is None or w in self.inits:
@@ -305,7 +307,8 @@ class Graph:
             if len(self._dims(prod.input[1])) != 2:
                 return None
             return self.rank(prod.input[0], _depth + 1)  # [.., K] @ [K, N] -> [.., N]
-        if op in _RANK_KEEPING and prod.input:
+        if op in _RANK_KEEPING and prod.input and prod.output[0] == name:
+            # (only the first output: a training BatchNormalization's others are vectors)
             return self.rank(prod.input[0], _depth + 1)
         if op in ("Mul", "Add", "Sub", "Div") and len(prod.input) == 2:
             a, b = prod.input
@@ -343,6 +346,10 @@ class Graph:
     def _dims(self, name: str) -> tuple[int, ...]:
         if name in self.inits:
             return tuple(int(d) for d in self.inits[name].dims)
+        prod = self.producer.get(name)
+        tensor = _constant_value(prod) if prod is not None and prod.op_type == "Constant" else None
+        if tensor is not None:  # the dims, without decoding the value
+            return tuple(int(d) for d in tensor.dims)
         return tuple(int(d) for d in self.const(name).shape)
 
     # ---- writes --------------------------------------------------------------------

@@ -17,7 +17,7 @@ import onnx
 
 from bnfuse.errors import FusionInvariantError
 from bnfuse.fold import Affine, channel_map, checked_bn_affine, fold_backward, fold_forward
-from bnfuse.onnx.graph import Graph, attr, node_label, set_attr
+from bnfuse.onnx.graph import Graph, MalformedNodeError, attr, node_label, set_attr
 
 #: ``Norm.axis`` of an element-wise affine (see ``Norm.elem_shape``).
 ELEMENTWISE = -(10**6)
@@ -189,7 +189,10 @@ def _ref_attr_reason(node: onnx.NodeProto) -> str | None:
 
 
 def _conv_groups(node: onnx.NodeProto) -> int:
-    return int(attr(node, "group", 1))
+    groups = int(attr(node, "group", 1))
+    if groups < 1:
+        raise MalformedNodeError(f"{node.op_type} {node_label(node)!r} has group={groups}")
+    return groups
 
 
 def _zero_padding(node: onnx.NodeProto) -> bool:
@@ -621,6 +624,12 @@ class BNConv(ForwardRule):
             return reason
         w = g.const(c.input[1])
         groups = _conv_groups(c)
+        if w.ndim < 2 or w.shape[0] % groups:
+            which = "output" if c.op_type == "Conv" else "input"
+            return (
+                f"{c.op_type} weight of shape {list(w.shape)}: its {which} channels do not "
+                f"divide into group={groups}"
+            )
         cin = w.shape[1] * groups if c.op_type == "Conv" else w.shape[0]
         reason = _channels_mismatch(norm, cin, f"{c.op_type} input")
         if reason:
