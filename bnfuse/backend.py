@@ -150,9 +150,9 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     The temporary file exists (empty) when it is yielded, writable by its owner; ``dest``
     gets the permissions of the file it replaces, else those of any new file (``0o666``
     less the umask, applied by the kernel; ``tempfile.mkstemp`` would leave ``0o600``),
-    set just before the rename. Writers should fill it without truncating it (:func:`open_fresh`): on ext4, opening an
-    existing file with ``O_TRUNC`` makes the kernel flush it to disk on close
-    (``auto_da_alloc``; measured 1.5 ms for 2.7 MB).
+    set just before the rename. Writers should fill it without truncating it
+    (:func:`open_fresh`): on ext4, opening an existing file with ``O_TRUNC`` makes the
+    kernel flush it to disk on close (``auto_da_alloc``; measured 1.5 ms for 2.7 MB).
 
     On any exception (KeyboardInterrupt included) the temporary file is removed, so an
     interrupted write never leaves a partial output behind.
@@ -171,8 +171,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         finally:
             os.close(fd)
         yield tmp_path
-        if mode != writable or stat.S_IMODE(os.stat(tmp_path).st_mode) != mode:
-            os.chmod(tmp_path, mode)  # (a writer may also have made the file anew)
+        if stat.S_IMODE(os.stat(tmp_path).st_mode) != mode:  # (or a writer made it anew)
+            os.chmod(tmp_path, mode)
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -223,8 +223,7 @@ def export_onnx(model: Any, path: Path) -> list[str]:
             notes.append(
                 "ONNX backend not available: the export was written without an ONNX fold pass"
             )
-            with atomic_path(path) as final:
-                os.chmod(tmp, os.stat(final).st_mode & 0o7777)  # not mkstemp's 0o600
+            with atomic_path(path) as final:  # (which gives it the output's mode)
                 os.replace(tmp, final)
             return notes
         ob = onnx_backend
