@@ -138,26 +138,14 @@ def _finite_bn_affine(
     the statistics for finiteness), else None: the caller then finds the reason."""
     if not math.isfinite(eps):
         return None
-    parts = [
-        np.asarray(x, dtype=np.float64).reshape(-1)
-        for x in (mean, var, gamma, beta)
-        if x is not None
+    v = np.asarray(var, dtype=np.float64).reshape(-1)
+    given = [
+        np.asarray(x, dtype=np.float64).reshape(-1) for x in (mean, gamma, beta) if x is not None
     ]
-    if not np.isfinite(np.concatenate(parts)).all():
+    if not (np.isfinite(np.concatenate([v, *given])).all() and (v + float(eps) > 0).all()):
         return None
-    m = parts[0]
-    n = m.shape[0]
-    if not (np.asarray(var, dtype=np.float64) + float(eps) > 0).all():
-        return None
-    v = _vec(var, n, 1.0)
-    g = _vec(gamma, n, 1.0)
-    b = _vec(beta, n, 0.0)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        s = g / np.sqrt(v + float(eps))
-        t = b - s * m
-    if not (np.isfinite(s).all() and np.isfinite(t).all()):
-        return None
-    return Affine(s, t)
+    aff = bn_affine(mean, var, eps, gamma, beta)
+    return None if check_affine(aff) else aff
 
 
 def check_affine(aff: Affine) -> str | None:

@@ -100,24 +100,20 @@ def fields(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int, i
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
-        if wire_type == _LEN:
-            length = buf[pos] if pos < end else 0x80
-            if length < 0x80:
-                pos += 1
-            else:
-                length, pos = _read_varint(buf, pos, end)
-            value_end = pos + length
-            if value_end > end:
-                raise WireError("length runs past the end")
-            yield number, wire_type, field_start, pos, value_end
-            pos = value_end
-        elif wire_type == _VARINT:
+        if wire_type in (_LEN, _VARINT):  # a varint follows: the length or the value
             value = buf[pos] if pos < end else 0x80
             if value < 0x80:
                 pos += 1
             else:
                 value, pos = _read_varint(buf, pos, end)
-            yield number, wire_type, field_start, value, pos
+            if wire_type == _VARINT:
+                yield number, wire_type, field_start, value, pos
+                continue
+            value_end = pos + value
+            if value_end > end:
+                raise WireError("length runs past the end")
+            yield number, wire_type, field_start, pos, value_end
+            pos = value_end
         elif wire_type in (_I64, _I32):
             pos += 8 if wire_type == _I64 else 4
             if pos > end:
