@@ -340,6 +340,19 @@ def test_chain_broken_by_a_different_axis() -> None:
 # ---- what must not fold -------------------------------------------------------------
 
 
+def only_mul_refused(m: onnx.ModelProto) -> str:
+    """Fuse ``m``, whose one normalization candidate is the Mul node "mul": nothing
+    folds, that Mul is refused and stays, outputs unchanged. Returns the reason."""
+    res = fuse(m)
+    assert not res.folds
+    assert len(res.refusals) == 1
+    r = res.refusals[0]
+    assert (r.bn, r.kind) == ("mul", "Mul")
+    assert count_ops(res.model, "Mul") == 1
+    assert_close(m, res.model)
+    return r.reason
+
+
 def test_c_shaped_constant_on_4d_conv_output_refused() -> None:
     # [C] broadcasts over W (the last axis), not over channels, even when W == C
     b = GraphBuilder(seed=13)
@@ -347,15 +360,7 @@ def test_c_shaped_constant_on_4d_conv_output_refused() -> None:
     y = b.conv(x, 3, 4, [3, 3])
     y = b.node("Mul", [y, vec(b, (4,))], name="mul")
     b.output(y)
-    m = b.model()
-    res = fuse(m)
-    assert not res.folds
-    assert len(res.refusals) == 1
-    r = res.refusals[0]
-    assert (r.bn, r.kind) == ("mul", "Mul")
-    assert "not its channel axis 1" in r.reason
-    assert count_ops(res.model, "Mul") == 1
-    assert_close(m, res.model)
+    assert "not its channel axis 1" in only_mul_refused(b.model())
 
 
 @pytest.mark.parametrize("order", ["xc", "cx"])
@@ -368,18 +373,10 @@ def test_c_shaped_constant_on_4d_conv_transpose_output_refused(order: str) -> No
     c = vec(b, (6,))
     y = b.node("Mul", [c, y] if order == "cx" else [y, c], name="mul")
     b.output(y)
-    m = b.model()
-    res = fuse(m)
-    assert not res.folds
-    assert len(res.refusals) == 1
-    r = res.refusals[0]
-    assert (r.bn, r.kind) == ("mul", "Mul")
-    assert r.reason == (
+    assert only_mul_refused(b.model()) == (
         "Mul acts on axis 3 (the last axis) of a rank-4 ConvTranspose output, "
         "not its channel axis 1"
     )
-    assert count_ops(res.model, "Mul") == 1
-    assert_close(m, res.model)
 
 
 def test_full_shaped_constant_next_to_conv_refused_elsewhere_ignored() -> None:

@@ -93,12 +93,17 @@ def zero_shift_bn(b: GraphBuilder, x: str, c: int) -> str:
     return b.node("BatchNormalization", [x, *p], name="bn")
 
 
-def test_scale_only_bn_then_padded_conv_folds() -> None:
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_scale_only_bn_then_padded_conv_folds(op: str) -> None:
+    """A zero-shift BN folds into a zero-padded Conv, or a padded, strided ConvTranspose:
+    a pure scale commutes with the padding."""
     b = GraphBuilder(seed=5)
     x = b.input("x", ["N", 4, 7, 7])
-    r = b.node("Relu", [x])
-    y = zero_shift_bn(b, r, 4)
-    y = b.conv(y, 4, 6, [3, 3], pads=[1, 1, 1, 1])
+    y = zero_shift_bn(b, b.node("Relu", [x]), 4)
+    if op == "Conv":
+        y = b.conv(y, 4, 6, [3, 3], pads=[1, 1, 1, 1])
+    else:
+        y = b.node("ConvTranspose", [y, b.weight([4, 3, 3, 3])], pads=[1, 1, 1, 1], strides=[2, 2])
     b.output(y)
     res = folded(b.model(), 1)
     assert "scale only" in res.folds[0].detail
@@ -266,17 +271,6 @@ def test_both_possible_prefers_backward() -> None:
     assert [(f.bn, f.direction, f.into, f.rule) for f in res.folds] == [
         ("bn", "backward", "conv1", "conv-bn")
     ]
-
-
-def test_zero_shift_bn_then_padded_strided_conv_transpose_folds() -> None:
-    b = GraphBuilder(seed=16)
-    x = b.input("x", ["N", 4, 5, 5])
-    r = b.node("Relu", [x])
-    y = zero_shift_bn(b, r, 4)
-    y = b.node("ConvTranspose", [y, b.weight([4, 3, 3, 3])], pads=[1, 1, 1, 1], strides=[2, 2])
-    b.output(y)
-    res = folded(b.model(), 1)
-    assert "scale only" in res.folds[0].detail
 
 
 def test_bn_then_auto_pad_conv_refused() -> None:
