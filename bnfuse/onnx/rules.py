@@ -211,32 +211,20 @@ def _group_view(shape: tuple[int, ...], groups: int) -> tuple[int, ...] | None:
     return (groups, shape[0] // groups, *shape[1:]) if groups > 1 else None
 
 
-def _transpose_out_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    # ConvTranspose weight [C_in, C_out/g, k...]; output channel gi*(C_out/g)+j:
-    # axes (0, 2) of the group view
+def _grouped_map(shape: tuple[int, ...], groups: int, axis: int) -> np.ndarray:
+    """Channel of every element of a Conv/ConvTranspose weight ``[C0, C1, k...]`` along
+    its ``axis`` 0 or 1, counted across the ``groups`` groups, broadcastable to
+    :func:`_group_view` (to the weight itself for one group).
+
+    Axis 0 holds the channel itself: axes (0, 1) of the group view. Axis 1 holds the
+    channel within the element's group gi: gi*C1 + j, axes (0, 2) of the group view.
+    Conv ``[C_out, C_in/g, k...]``: output channel axis 0, input channel axis 1;
+    ConvTranspose ``[C_in, C_out/g, k...]``: input channel axis 0, output channel axis 1.
+    """
     view = _group_view(shape, groups)
-    return channel_map(view, (0, 2)) if view is not None else channel_map(shape, (1,))
-
-
-def _conv_in_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    # Conv weight [C_out, C_in/g, k...]; input channel (o // (C_out/g))*(C_in/g) + r:
-    # axes (0, 2) of the group view
-    view = _group_view(shape, groups)
-    return channel_map(view, (0, 2)) if view is not None else channel_map(shape, (1,))
-
-
-def _conv_out_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    # Conv weight [C_out, C_in/g, k...]: the output channel is axis 0, axes (0, 1) of
-    # the group view
-    view = _group_view(shape, groups)
-    return channel_map(view, (0, 1)) if view is not None else channel_map(shape, (0,))
-
-
-def _transpose_in_map(shape: tuple[int, ...], groups: int) -> np.ndarray:
-    # ConvTranspose weight [C_in, C_out/g, k...]: the input channel is axis 0, axes
-    # (0, 1) of the group view
-    view = _group_view(shape, groups)
-    return channel_map(view, (0, 1)) if view is not None else channel_map(shape, (0,))
+    if view is None:
+        return channel_map(shape, (axis,))
+    return channel_map(view, (0, axis + 1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,7 +366,7 @@ class ConvTransposeBN(_ConvLikeBN):
         return int(w.shape[1]) * groups
 
     def out_map(self, w: np.ndarray, groups: int) -> np.ndarray:
-        return _transpose_out_map(w.shape, groups)
+        return _grouped_map(w.shape, groups, 1)
 
     def view(self, w: np.ndarray, groups: int) -> tuple[int, ...] | None:
         return _group_view(w.shape, groups)
@@ -651,13 +639,11 @@ class BNConv(ForwardRule):
         if c.op_type == "Conv":
             cout = w.shape[0]
             aff = _affine_n(norm, w.shape[1] * groups)
-            in_map = _conv_in_map(w.shape, groups)
-            out_map = _conv_out_map(w.shape, groups)
+            in_map, out_map = _grouped_map(w.shape, groups, 1), _grouped_map(w.shape, groups, 0)
         else:
             cout = w.shape[1] * groups
             aff = _affine_n(norm, w.shape[0])
-            in_map = _transpose_in_map(w.shape, groups)
-            out_map = _transpose_out_map(w.shape, groups)
+            in_map, out_map = _grouped_map(w.shape, groups, 0), _grouped_map(w.shape, groups, 1)
         w2, b2 = fold_forward(
             w,
             _bias(g, c, 2),
