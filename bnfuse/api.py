@@ -25,6 +25,7 @@ from bnfuse.errors import (
     UsageError,
     ValidationError,
 )
+from bnfuse.options import OptionError, Options
 from bnfuse.result import BenchResult, Deferred, Fold, FuseResult, Validation
 
 __all__ = ["Progress", "benchmark", "fuse", "get_backend"]
@@ -60,6 +61,11 @@ def get_backend(model: Any) -> tuple[Backend, Path | None]:
         if suffix in ONNX_SUFFIXES:
             return _load_backend("onnx"), path
         if suffix in KERAS_SUFFIXES:
+            from bnfuse.sniff import check_keras_file
+
+            check_keras_file(path)  # before TensorFlow is imported (seconds)
+            return _load_backend("keras"), path
+        if path.is_dir() and (path / "saved_model.pb").is_file():  # a Keras SavedModel
             return _load_backend("keras"), path
         raise ModelLoadError(
             f"{path}: unknown model format {suffix or '(no extension)'!r}; "
@@ -205,9 +211,17 @@ def fuse(
     batches: Sequence[int] = (1,),
     threads: int = 1,
     bench_seconds: float = 10.0,
+    keep: Sequence[str] = (),
+    reports: Sequence[str | os.PathLike[str]] = (),
+    options: Options | None = None,
     progress: Progress | None = None,
 ) -> FuseResult:
     """Fold every BatchNormalization of ``model`` into a neighbouring linear layer.
+
+    The settings come either as keyword arguments or as one :class:`~bnfuse.options.Options`
+    (``options=``; then the keywords must keep their defaults). Every value is checked
+    before the model is read; a bad one raises :class:`~bnfuse.options.OptionError` (a
+    ``UsageError``) naming the parameter.
 
     Args:
         model: a path (``.onnx``, ``.keras``, ``.h5``), an ``onnx.ModelProto`` or a
@@ -233,6 +247,11 @@ def fuse(
             warning, when validation failed and the model will not be written (no
             ``force``).
         batches, threads, bench_seconds: benchmark settings.
+        keep: glob patterns on BN names; matching BNs stay unfolded (refusal code
+            ``excluded``).
+        reports: report files (``.md``, ``.json``) written after the run, also when
+            validation failed.
+        options: all of the above as one object.
         progress: callback ``(description, completed, total)``.
 
     Returns:
@@ -243,67 +262,86 @@ def fuse(
             given; ``err.result`` holds the report. Nothing was written.
         ModelLoadError, UnsupportedModelError, MissingDependencyError, UsageError.
     """
+    given = Options(
+        validate=validate,
+        samples=samples,
+        seed=seed,
+        rtol=rtol,
+        atol=atol,
+        inputs=inputs,
+        input_shapes=dict(input_shapes or {}),
+        rollback=rollback,
+        force=force,
+        dry_run=dry_run,
+        skip=tuple(skip),
+        forward=forward,
+        treat_initializer_inputs_as_constants=treat_initializer_inputs_as_constants,
+        unsafe_load=unsafe_load,
+        bench=bench,
+        batches=tuple(batches),
+        threads=threads,
+        bench_seconds=bench_seconds,
+        keep=tuple(keep),
+        reports=tuple(Path(r) for r in reports),
+    )
+    if options is not None and given != Options():
+        raise UsageError("options: pass the settings either as options= or as keywords, not both")
+    opts = (options if options is not None else given).check()
+    try:
+        result = _fuse(model, output, opts, progress)
+    except ValidationError as exc:
+        if opts.reports and exc.result is not None:
+            _write_reports(exc.result, opts.reports)
+        raise
+    _write_reports(result, opts.reports)
+    return result
+
+
+def _write_reports(result: FuseResult, reports: Sequence[Path]) -> None:
+    if reports:
+        from bnfuse.report import write_report
+
+        for path in reports:
+            write_report(result, path)
+
+
+def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> FuseResult:
+    """:func:`fuse` once its options are checked."""
     backend, src = get_backend(model)
     out_path = Path(output) if output is not None else None
-    if out_path is not None and not dry_run:
+    if out_path is not None and not o.dry_run:
         _check_output_path(src, out_path, backend)
-    unknown = sorted(set(skip) - set(backend.rule_names()))
+    unknown = sorted(set(o.skip) - set(backend.rule_names()))
     if unknown:
-        raise UsageError(
-            f"unknown rule(s) {', '.join(unknown)}; rules: {', '.join(backend.rule_names())}"
+        raise OptionError(
+            "skip",
+            f"unknown rule(s) {', '.join(unknown)}; rules: {', '.join(backend.rule_names())}",
         )
-    if samples < 1:
-        raise UsageError("--samples must be at least 1")
 
     _report(progress, "loading model", 0, None)
-    early_notes = _configure_threads(backend, threads) if bench else []
-    original = backend.load(src, unsafe_load=unsafe_load) if src else backend.accept(model)
+    early_notes = _configure_threads(backend, o.threads) if o.bench else []
+    original = backend.load(src, unsafe_load=o.unsafe_load) if src else backend.accept(model)
     before = backend.stats(original, src)
     options = FuseOptions(
-        skip_rules=frozenset(skip),
-        treat_initializer_inputs_as_constants=treat_initializer_inputs_as_constants,
-        forward=forward,
+        skip_rules=frozenset(o.skip),
+        treat_initializer_inputs_as_constants=o.treat_initializer_inputs_as_constants,
+        forward=o.forward,
         # a model loaded here and needed by nothing after the fold (no validation, no
         # benchmark): rewrite it without copying
-        in_place=bool(src) and not validate and not bench,
+        in_place=bool(src) and not o.validate and not o.bench,
+        keep=o.keep,
     )
     _report(progress, "folding", 0, None)
     passed = backend.fuse(original, options)
     warnings = early_notes + list(passed.warnings)
 
     validation: Validation | None = None
-    if validate and passed.folds:
-        import bnfuse.inputs as _inputs
-
-        runner = backend.runner(original)
-        if inputs is not None:
-            feeds = _inputs.load_feeds(inputs, runner.inputs)
-            source = str(inputs) if not isinstance(inputs, Mapping) else "user arrays"
-        else:
-            feeds = _inputs.random_feeds(runner.inputs, samples, seed, input_shapes or {})
-            source = f"random (seed {seed}, {samples} samples)"
-        _report(progress, "running the original", 0, None)
-        reference = _Recorded(runner, feeds)
-        del runner  # frees the original's session before the fused one is built
-        ctx = _Ctx(
-            backend, original, reference, options, feeds, rtol, atol, source, tuple(passed.folds)
-        )
-        _report(progress, "validating", 0, None)
-        validation = ctx.validate(passed.model)
-        if not validation.passed:
-            _report(progress, "bisecting folds", 0, None)
-            culprits = bisect_culprits(passed.folds, ctx.passes_with)
-            names = tuple(f.bn for f in culprits)
-            validation = _replace(validation, culprits=names)
-            if rollback and names:
-                passed = ctx.fused(frozenset(names))
-                revalidated = ctx.validate(passed.model)
-                validation = _replace(revalidated, culprits=names, rolled_back=names)
-                warnings.append(f"rolled back {len(names)} fold(s): {', '.join(names)}")
+    if o.validate and passed.folds:
+        passed, validation = _validated(backend, original, passed, options, o, progress, warnings)
 
     # validation failed and nothing will be written: ValidationError is raised below
-    failed = validation is not None and not validation.passed and not force
-    if bench and failed:  # timing a model that is thrown away is wasted time
+    failed = validation is not None and not validation.passed and not o.force
+    if o.bench and failed:  # timing a model that is thrown away is wasted time
         warnings.append("benchmark skipped: validation failed (--force writes and times it anyway)")
 
     after = backend.stats(passed.model)
@@ -320,23 +358,23 @@ def fuse(
         after=after,
         model=public,
         output_path=str(out_path) if out_path else None,
-        dry_run=dry_run,
+        dry_run=o.dry_run,
         validation=validation,
         bnfuse_version=__version__,
         warnings=tuple(warnings),
     )
 
-    if bench and not failed:
+    if o.bench and not failed:
         result = _replace(
             result,
             model=public,
             bench=benchmark(
                 original,
                 passed.model,
-                batches=batches,
-                threads=threads,
-                seconds=bench_seconds,
-                input_shapes=input_shapes,
+                batches=o.batches,
+                threads=o.threads,
+                seconds=o.bench_seconds,
+                input_shapes=o.input_shapes,
                 progress=progress,
                 _backend=backend,
             ),
@@ -354,7 +392,7 @@ def fuse(
             result,
         )
 
-    if out_path is not None and not dry_run:
+    if out_path is not None and not o.dry_run:
         _report(progress, "writing", 0, None)
         backend.save(passed.model, out_path)
         save_notes = tuple(getattr(backend, "save_notes", ()))
@@ -366,6 +404,47 @@ def fuse(
             warnings=result.warnings + save_notes,
         )
     return result
+
+
+def _validated(
+    backend: Backend,
+    original: Any,
+    passed: PassResult,
+    options: FuseOptions,
+    o: Options,
+    progress: Progress | None,
+    warnings: list[str],
+) -> tuple[PassResult, Validation]:
+    """Validate the fused model; on failure bisect the culprits (and roll them back when
+    ``o.rollback``). Returns the pass to keep and its validation."""
+    import bnfuse.inputs as _inputs
+
+    runner = backend.runner(original)
+    if o.inputs is not None:
+        feeds = _inputs.load_feeds(o.inputs, runner.inputs)
+        source = str(o.inputs) if not isinstance(o.inputs, Mapping) else "user arrays"
+    else:
+        feeds = _inputs.random_feeds(runner.inputs, o.samples, o.seed, o.input_shapes)
+        source = f"random (seed {o.seed}, {o.samples} samples)"
+    _report(progress, "running the original", 0, None)
+    reference = _Recorded(runner, feeds)
+    del runner  # frees the original's session before the fused one is built
+    ctx = _Ctx(
+        backend, original, reference, options, feeds, o.rtol, o.atol, source, tuple(passed.folds)
+    )
+    _report(progress, "validating", 0, None)
+    validation = ctx.validate(passed.model)
+    if not validation.passed:
+        _report(progress, "bisecting folds", 0, None)
+        culprits = bisect_culprits(passed.folds, ctx.passes_with)
+        names = tuple(f.bn for f in culprits)
+        validation = _replace(validation, culprits=names)
+        if o.rollback and names:
+            passed = ctx.fused(frozenset(names))
+            revalidated = ctx.validate(passed.model)
+            validation = _replace(revalidated, culprits=names, rolled_back=names)
+            warnings.append(f"rolled back {len(names)} fold(s): {', '.join(names)}")
+    return passed, validation
 
 
 def benchmark(

@@ -46,6 +46,7 @@ class FuseOptions:
     treat_initializer_inputs_as_constants: bool = False
     forward: bool = True  # allow forward folds (BN into the layer after it)
     in_place: bool = False
+    keep: tuple[str, ...] = ()  # glob patterns on BN names: stay unfolded (bnfuse/keep.py)
 
 
 @dataclass

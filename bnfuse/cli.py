@@ -1,357 +1,405 @@
-"""Command line: ``bnfuse MODEL -o OUTPUT``. Parses options, calls the API, renders, maps errors.
+"""Command line: ``bnfuse MODEL... -o OUTPUT``. Parses flags into :class:`~bnfuse.options.Options`,
+calls the API, renders, maps errors to exit codes.
 
 Exit codes: 0 ok · 1 validation failed · 2 usage · 3 model load/unsupported ·
-4 missing extra · 5 internal error (a bnfuse bug).
+4 missing extra · 5 internal error (a bnfuse bug) · 130 interrupted. With several models
+the exit code is the worst of theirs.
+
+Start-up matters (a fold takes tens of milliseconds): the parser is :mod:`argparse` (typer
+imports pydantic and builds a validator per option: ~60 ms), and the report, rich's
+progress bar, onnxruntime and TensorFlow are imported only when a run needs them.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
-from rich.console import Console
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from bnfuse import __version__
 from bnfuse.errors import BnfuseError, UsageError, ValidationError
+from bnfuse.options import OptionError, Options, report_format
 
-app = typer.Typer(
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode="rich",
-)
+if TYPE_CHECKING:
+    from bnfuse.result import FuseResult
+
+__all__ = ["FLAGS", "main", "run"]
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 validation failed (nothing written), 2 usage error, "
     "3 model cannot be loaded or is unsupported, 4 optional dependency missing, "
-    "5 internal error."
+    "5 internal error, 130 interrupted. With several models: the worst of theirs."
 )
 
+DESCRIPTION = """\
+Fold BatchNormalization layers of MODEL into the neighbouring Dense/Conv layers.
 
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"bnfuse {__version__}")
-        raise typer.Exit()
+Every BN is folded backward (into the layer before it) or forward (into the layer after
+it) or refused with a reason. The fused model is validated against the original and
+written atomically only if it matches.
+
+Several models (or a directory of .onnx/.keras/.h5 files and SavedModel directories) go
+to one output directory: each output keeps its input's name.
+
+examples:
+  bnfuse model.onnx -o fused.onnx
+  bnfuse model.keras -o fused.keras --bench --batch 1,32 --report report.md
+  bnfuse model.onnx --dry-run --json
+  bnfuse models/ extra.onnx -o fused/ -j 2 --report reports/
+"""
+
+#: :class:`Options` field (as :class:`OptionError` names it) -> the flag that sets it.
+FLAGS: dict[str, str] = {
+    "samples": "--samples",
+    "seed": "--seed",
+    "rtol": "--rtol",
+    "atol": "--atol",
+    "inputs": "--inputs",
+    "input_shapes": "--input-shape",
+    "skip": "--skip",
+    "batches": "--batch",
+    "threads": "--threads",
+    "bench_seconds": "--bench-seconds",
+    "keep": "--keep",
+    "reports": "--report",
+    "jobs": "--jobs",
+    "models": "MODEL",
+    "output_dir": "--output",
+}
+
+
+class _Usage(Exception):
+    """A command-line error argparse found (printed as one line, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the usage block and the message on two+ lines; bnfuse says one line
+        raise _Usage(message)
+
+
+def _bool_pair(p: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    p.add_argument(  # --NAME / --no-NAME
+        f"--{name}", dest=name.replace("-", "_"), default=default,
+        action=argparse.BooleanOptionalAction, help=help,
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (flags map 1:1 onto :class:`~bnfuse.options.Options` fields)."""
+    p = _Parser(
+        prog="bnfuse",
+        description=DESCRIPTION,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    add = p.add_argument
+    add(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        type=Path,
+        help="model(s) to fuse: .onnx, .keras, .h5, or a directory of them",
+    )
+    add(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="write the fused model here (.onnx, .keras, .h5); with several models, a "
+        "directory (created)",
+    )
+    add("--dry-run", action="store_true", help="plan and report only; write nothing")
+    add(
+        "--json",
+        action="store_true",
+        help="print the result as JSON on stdout (several models: JSON Lines, one per model)",
+    )
+    add(
+        "--report",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="also write the report to FILE.md or FILE.json, or into a directory (one "
+        "report per model plus a summary); repeatable",
+    )
+    add(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="disable a rule by name (repeatable; see --list-rules)",
+    )
+    add(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave BNs whose name matches this glob unfolded (repeatable)",
+    )
+    _bool_pair(p, "forward", True, "allow folding a BN forward into the layer after it")
+    _bool_pair(p, "validate", True, "compare fused and original outputs before writing")
+    add("--samples", type=int, default=8, help="random validation samples (default 8)")
+    add("--seed", type=int, default=0, help="seed of the random validation inputs")
+    add(
+        "--inputs",
+        type=Path,
+        metavar="NPZ",
+        help="validate on real data: an .npz keyed by input name",
+    )
+    add(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="shape for an input with symbolic dims: NAME=1x3x224x224 (repeatable)",
+    )
+    add("--rtol", type=float, help="relative tolerance (default: by dtype)")
+    add("--atol", type=float, help="absolute tolerance (default: by dtype and magnitude)")
+    add(
+        "--rollback",
+        action="store_true",
+        help="on validation failure, undo the responsible folds and write the rest",
+    )
+    add("--force", action="store_true", help="write the model even if validation fails")
+    add("--bench", action="store_true", help="measure latency before and after")
+    add("--batch", default="1", help="batch sizes to time, comma-separated (default 1)")
+    add("--threads", type=int, default=1, help="runtime threads while timing (default 1)")
+    add(
+        "--bench-seconds",
+        type=float,
+        default=10.0,
+        help="time budget of the benchmark (default 10)",
+    )
+    add(
+        "--treat-initializer-inputs-as-constants",
+        action="store_true",
+        help="ONNX: initializers also listed as graph inputs are constants",
+    )
+    add(
+        "--unsafe-load",
+        action="store_true",
+        help="Keras: allow Lambda layers (runs code stored in the file)",
+    )
+    add(
+        "-j",
+        "--jobs",
+        type=int,
+        default=1,
+        help="with several models: fuse N at once, in separate processes",
+    )
+    add(
+        "--fail-fast",
+        action="store_true",
+        help="with several models: stop at the first one that fails",
+    )
+    add("--list-rules", action="store_true", help="list the rule names of MODEL's format and exit")
+    add(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every BN with its full name, and TensorFlow's own messages",
+    )
+    add("-q", "--quiet", action="store_true", help="no progress bar")
+    add("--version", action="version", version=f"bnfuse {__version__}")
+    return p  # fmt: skip
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise UsageError(
             f"--batch {text!r}: expected comma-separated integers, e.g. 1,32"
         ) from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"--batch {text!r}: batch sizes must be positive integers")
-    return values
 
 
-@app.command(epilog=EXIT_CODES_HELP)
-def fuse_command(
-    model: Annotated[
-        Path,
-        typer.Argument(
-            help="Model to fuse: .onnx, .keras or .h5.", show_default=False, metavar="MODEL"
-        ),
-    ],
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "-o",
-            "--output",
-            help="Write the fused model here (.onnx, .keras, .h5).",
-            show_default=False,
-        ),
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Plan and report only; write nothing.")
-    ] = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print the result as JSON on stdout.")
-    ] = False,
-    report: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--report",
-            help="Also write the report to FILE.md (Markdown) or FILE.json.",
-            show_default=False,
-        ),
-    ] = None,
-    skip: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--skip",
-            help="Disable a rule by name (repeatable; see --list-rules).",
-            show_default=False,
-        ),
-    ] = None,
-    forward: Annotated[
-        bool,
-        typer.Option(
-            "--forward/--no-forward", help="Allow folding a BN forward into the layer after it."
-        ),
-    ] = True,
-    validate: Annotated[
-        bool,
-        typer.Option(
-            "--validate/--no-validate", help="Compare fused and original outputs before writing."
-        ),
-    ] = True,
-    samples: Annotated[int, typer.Option("--samples", help="Random validation samples.")] = 8,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random validation inputs.")] = 0,
-    inputs: Annotated[
-        Path | None,
-        typer.Option(
-            "--inputs",
-            help="Validate on real data: an .npz keyed by input name.",
-            show_default=False,
-        ),
-    ] = None,
-    input_shape: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--input-shape",
-            help="Shape for an input with symbolic dims: NAME=1x3x224x224 (repeatable).",
-            show_default=False,
-        ),
-    ] = None,
-    rtol: Annotated[
-        float | None,
-        typer.Option("--rtol", help="Relative tolerance (default: by dtype).", show_default=False),
-    ] = None,
-    atol: Annotated[
-        float | None,
-        typer.Option(
-            "--atol",
-            help="Absolute tolerance (default: by dtype and output magnitude).",
-            show_default=False,
-        ),
-    ] = None,
-    rollback: Annotated[
-        bool,
-        typer.Option(
-            "--rollback",
-            help="On validation failure, undo the responsible folds and write the rest.",
-        ),
-    ] = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="Write the model even if validation fails.")
-    ] = False,
-    bench: Annotated[
-        bool, typer.Option("--bench", help="Measure latency before and after.")
-    ] = False,
-    batch: Annotated[
-        str, typer.Option("--batch", help="Batch sizes to time, comma-separated.")
-    ] = "1",
-    threads: Annotated[int, typer.Option("--threads", help="Runtime threads while timing.")] = 1,
-    bench_seconds: Annotated[
-        float, typer.Option("--bench-seconds", help="Time budget of the benchmark.")
-    ] = 10.0,
-    treat_initializer_inputs_as_constants: Annotated[
-        bool,
-        typer.Option(
-            "--treat-initializer-inputs-as-constants",
-            help="ONNX: initializers also listed as graph inputs are constants.",
-        ),
-    ] = False,
-    unsafe_load: Annotated[
-        bool,
-        typer.Option(
-            "--unsafe-load", help="Keras: allow Lambda layers (runs code stored in the file)."
-        ),
-    ] = False,
-    list_rules: Annotated[
-        bool, typer.Option("--list-rules", help="List the rule names of MODEL's format and exit.")
-    ] = False,
-    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show more detail.")] = False,
-    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", callback=_version, is_eager=True, help="Show the version and exit."
-        ),
-    ] = False,
-) -> None:
-    """Fold BatchNormalization layers of MODEL into the neighbouring Dense/Conv layers.
+def options_from(args: argparse.Namespace, reports: Sequence[Path] = ()) -> Options:
+    """The :class:`Options` the parsed flags ask for (values are checked by the API)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if args.input_shape:
+        from bnfuse.inputs import parse_input_shape
 
-    Every BN is folded backward (into the layer before it) or forward (into the layer after it) or refused with a reason. The fused model is validated against the original and written atomically only if it matches.
+        for text in args.input_shape:
+            name, shape = parse_input_shape(text)
+            shapes[name] = shape
+    return Options(
+        validate=args.validate,
+        samples=args.samples,
+        seed=args.seed,
+        rtol=args.rtol,
+        atol=args.atol,
+        inputs=args.inputs,
+        input_shapes=shapes,
+        rollback=args.rollback,
+        force=args.force,
+        dry_run=args.dry_run,
+        skip=tuple(args.skip),
+        forward=args.forward,
+        treat_initializer_inputs_as_constants=args.treat_initializer_inputs_as_constants,
+        unsafe_load=args.unsafe_load,
+        bench=args.bench,
+        batches=_parse_batches(args.batch),
+        threads=args.threads,
+        bench_seconds=args.bench_seconds,
+        keep=tuple(args.keep),
+        reports=tuple(reports),
+    )
 
-    Examples:
 
-      bnfuse model.onnx -o fused.onnx
+def _message(exc: BnfuseError) -> str:
+    if isinstance(exc, OptionError):  # the API names its parameter; say the flag instead
+        return f"{FLAGS.get(exc.param, exc.param)}: {exc.detail}"
+    return exc.message
 
-      bnfuse model.keras -o fused.keras --bench --batch 1,32 --report report.md
 
-      bnfuse model.onnx --dry-run --json
-    """
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True)
+class Streams:
+    """Where the CLI writes: ``out`` (reports, JSON) and ``err`` (bnfuse's own lines and
+    the progress bar). ``err`` stays the user's stderr while TensorFlow's is silenced."""
+
+    def __init__(self, out: IO[str], err: IO[str]) -> None:
+        self.out = out
+        self.err = err
+
+    def error(self, text: str) -> None:
+        self.err.write(f"bnfuse: error: {text}\n")
+        self.err.flush()
+
+
+def run(argv: Sequence[str] | None = None, *, out: IO[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    streams = Streams(out or sys.stdout, sys.stderr)
     try:
-        code = _run(
-            out,
-            err,
-            model,
-            output,
-            dry_run,
-            json_out,
-            report or [],
-            skip or [],
-            forward,
-            validate,
-            samples,
-            seed,
-            inputs,
-            input_shape or [],
-            rtol,
-            atol,
-            rollback,
-            force,
-            bench,
-            batch,
-            threads,
-            bench_seconds,
-            treat_initializer_inputs_as_constants,
-            unsafe_load,
-            list_rules,
-            verbose,
-            quiet,
-        )
+        args = build_parser().parse_args(argv)
+    except _Usage as exc:
+        streams.error(f"{exc} (see bnfuse --help)")
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return int(exc.code or 0)
+    from bnfuse.quiet import quiet_native_stderr
+
+    keras_like = any(_needs_tensorflow(m) for m in args.models)
+    with quiet_native_stderr(enabled=keras_like and not args.verbose) as err:
+        streams.err = err
+        return _guarded(args, streams)
+
+
+def _guarded(args: argparse.Namespace, streams: Streams) -> int:
+    """Run, turning every error into one line on stderr and its exit code."""
+    try:
+        return _dispatch(args, streams)
     except BnfuseError as exc:
-        err.print(f"bnfuse: error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
+        streams.error(_message(exc))
+        return exc.exit_code
     except KeyboardInterrupt:
-        err.print("bnfuse: interrupted; nothing written", markup=False)
-        raise typer.Exit(130) from None
-    except (typer.Exit, SystemExit):
-        raise
+        streams.err.write("bnfuse: interrupted; nothing written\n")
+        streams.err.flush()
+        return 130
     except Exception as exc:  # a bug: one line, no locals, no weights
         if os.environ.get("BNFUSE_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        err.print(
-            f"bnfuse: internal error ({type(exc).__name__}: {first}); this is a bnfuse bug, "
-            "rerun with BNFUSE_DEBUG=1 for a traceback",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
+        streams.error(
+            f"internal error ({type(exc).__name__}: {first}); this is a bnfuse bug, "
+            "rerun with BNFUSE_DEBUG=1 for a traceback"
         )
-        raise typer.Exit(5) from None
-    raise typer.Exit(code)
+        return 5
 
 
-def _run(
-    out: Console,
-    err: Console,
-    model: Path,
-    output: Path | None,
-    dry_run: bool,
-    json_out: bool,
-    reports: list[Path],
-    skip: list[str],
-    forward: bool,
-    validate: bool,
-    samples: int,
-    seed: int,
-    inputs: Path | None,
-    input_shape: list[str],
-    rtol: float | None,
-    atol: float | None,
-    rollback: bool,
-    force: bool,
-    bench: bool,
-    batch: str,
-    threads: int,
-    bench_seconds: float,
-    treat_init: bool,
-    unsafe_load: bool,
-    list_rules: bool,
-    verbose: bool,
-    quiet: bool,
-) -> int:
-    from bnfuse import api
-    from bnfuse import report as _report
+def _needs_tensorflow(path: Path) -> bool:
+    return path.is_dir() or path.suffix.lower() in (".keras", ".h5", ".hdf5")
 
-    if list_rules:
-        backend, _ = api.get_backend(model)
-        for name in backend.rule_names():
-            out.print(name, markup=False, highlight=False)
+
+def _dispatch(args: argparse.Namespace, streams: Streams) -> int:
+    if args.list_rules:
+        from bnfuse import api
+
+        backend, _ = api.get_backend(args.models[0])
+        streams.out.write("".join(f"{name}\n" for name in backend.rule_names()))
         return 0
-    for r in reports:
-        if r.suffix.lower() not in (".md", ".json"):
-            raise UsageError(f"--report {r}: use a .md or .json file name")
-    shapes: dict[str, tuple[int, ...]] = {}
-    if input_shape:
-        from bnfuse.inputs import parse_input_shape
+    from bnfuse.many import is_collection
 
-        for text in input_shape:
-            name, shape = parse_input_shape(text)
-            shapes[name] = shape
-    batches = _parse_batches(batch)
-    show_progress = not quiet and not json_out and err.is_terminal
+    if len(args.models) > 1 or is_collection(args.models[0]):
+        from bnfuse.cli_many import run_many
 
-    progress_cb, stop = _progress(err) if show_progress else (None, lambda: None)
+        return run_many(args, streams)
+    files = [r for r in args.report if report_format(r) is not None]
+    dirs = [r for r in args.report if report_format(r) is None and r.suffix == ""]
+    bad = [r for r in args.report if r not in files and r not in dirs]
+    if bad:
+        raise OptionError("reports", f"{bad[0]}: use a .md or .json file name (or a directory)")
+    for d in dirs:  # one model, --report DIR: its reports go in there
+        name = args.models[0].name
+        files += [d / f"{name}.md", d / f"{name}.json"]
+        d.mkdir(parents=True, exist_ok=True)
+    return _run_one(args, options_from(args, files), streams)
+
+
+def _run_one(args: argparse.Namespace, options: Options, streams: Streams) -> int:
+    from bnfuse import api
+
+    show_progress = not args.quiet and not args.json and _is_terminal(streams.err)
+    progress_cb, stop = _progress(streams.err) if show_progress else (None, _nothing)
+    failure: ValidationError | None = None
+    result: FuseResult | None = None
     try:
-        result: Any = None
-        failure: ValidationError | None = None
         try:
-            result = api.fuse(
-                model,
-                output,
-                validate=validate,
-                samples=samples,
-                seed=seed,
-                rtol=rtol,
-                atol=atol,
-                inputs=inputs,
-                input_shapes=shapes,
-                rollback=rollback,
-                force=force,
-                dry_run=dry_run,
-                skip=skip,
-                forward=forward,
-                treat_initializer_inputs_as_constants=treat_init,
-                unsafe_load=unsafe_load,
-                bench=bench,
-                batches=batches,
-                threads=threads,
-                bench_seconds=bench_seconds,
-                progress=progress_cb,
-            )
+            result = api.fuse(args.models[0], args.output, options=options, progress=progress_cb)
         except ValidationError as exc:
-            failure = exc
-            result = exc.result
+            failure, result = exc, exc.result
     finally:
         stop()
     if result is not None:
-        for r in reports:
-            _report.write_report(result, r)
-        if json_out:
-            out.print(_report.to_json(result), markup=False, highlight=False, soft_wrap=True)
+        from bnfuse import report as _report
+
+        if args.json:
+            streams.out.write(_report.to_json(result) + "\n")
         else:
-            _report.render(result, out, verbose=verbose)
+            _report.render(result, _console(streams.out), verbose=args.verbose)
     if failure is not None:
         raise failure
     return 0
 
 
-def _progress(err: Console) -> tuple[Any, Any]:
+def _nothing() -> None:
+    return None
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _console(stream: IO[str]) -> Any:
+    from rich.console import Console
+
+    return Console(file=stream, soft_wrap=False, width=None if _is_terminal(stream) else 160)
+
+
+def _progress(err: IO[str] | Any, total: float | None = None) -> tuple[Any, Callable[[], None]]:
+    """A progress bar on ``err`` (a stream or a rich Console): ``(callback, stop)``."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    console = err if isinstance(err, Console) else Console(file=err)
     prog = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=console,
         transient=True,
     )
     prog.start()
-    task = prog.add_task("starting", total=None)
+    task = prog.add_task("starting", total=total)
 
     def cb(description: str, completed: float, total: float | None) -> None:
         prog.update(task, description=description, completed=completed, total=total)
@@ -364,10 +412,22 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``bnfuse`` console script."""
     signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="bnfuse")
+    code = run(argv)
+    sys.stdout.flush()
+    raise SystemExit(code)
+
+
+def __getattr__(name: str) -> Any:
+    # ``bnfuse.cli.app``: a typer app around :func:`run`, for ``typer.testing.CliRunner``
+    # (built on first use: the command line itself never imports typer)
+    if name == "app":
+        from bnfuse._cli_compat import make_app
+
+        return make_app(run)
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError
 from bnfuse.fold import Affine, bn_affine, check_bn, round_to
+from bnfuse.keep import EXCLUDED, kept_by, kept_reason
 from bnfuse.keras import rules as R
 from bnfuse.keras.graph import INPUT, Node, Scope
 from bnfuse.result import Fold, Refusal
@@ -248,12 +249,18 @@ class _Pass:
     def run(self) -> PassResult:
         done: dict[tuple[str, str], Fold] = {}
         refused: dict[tuple[str, str], str] = {}
+        kept: set[tuple[str, str]] = set()  # by --keep: refusal code "excluded"
         for bn in self.bns:
             if (
                 bn.name in self.options.exclude
                 or _join(bn.scope.path, bn.name) in self.options.exclude
             ):
                 refused[bn.key] = EXCLUDED_REASON
+            elif self.options.keep and (
+                pattern := kept_by((bn.name, _join(bn.scope.path, bn.name)), self.options.keep)
+            ):
+                refused[bn.key] = kept_reason(pattern)
+                kept.add(bn.key)
             elif bn.reason is not None:
                 refused[bn.key] = bn.reason
         for with_forward in (False, True):
@@ -275,7 +282,10 @@ class _Pass:
             if bn.key in done:
                 continue
             if bn.key in refused:
-                refusals.append(Refusal(bn=bn.name, reason=refused[bn.key], scope=bn.scope.path))
+                code = EXCLUDED if bn.key in kept else ""
+                refusals.append(
+                    Refusal(bn=bn.name, reason=refused[bn.key], scope=bn.scope.path, code=code)
+                )
             else:
                 refusals.append(self._refusal(bn))
         refusals.extend(self.opaque)

@@ -10,6 +10,7 @@ import onnx
 
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, first_line
+from bnfuse.keep import EXCLUDED, kept_by, kept_reason
 from bnfuse.onnx.affine import affine_norm
 from bnfuse.onnx.graph import (
     Graph,
@@ -340,6 +341,18 @@ def fuse_graph(
             if label in options.exclude:
                 refused[label] = Refusal(
                     label, "excluded (rolled back)", getattr(norm, "kind", kind), "", scope
+                )
+                continue
+            scoped = f"{scope}/{label}" if scope else ""
+            pattern = kept_by((label, scoped), options.keep) if options.keep else None
+            if pattern is not None:
+                refused[label] = Refusal(
+                    label,
+                    kept_reason(pattern),
+                    getattr(norm, "kind", kind),
+                    "",
+                    scope,
+                    code=EXCLUDED,
                 )
                 continue
             if isinstance(norm, str):
