@@ -15,7 +15,14 @@ from bnfuse.backend import atomic_path
 from bnfuse.many import ModelRun, fuse_many, worst_exit_code
 from bnfuse.options import OptionError, report_format
 
-__all__ = ["SUMMARY_SCHEMA", "run_many", "summary_dict", "summary_markdown", "summary_rows"]
+__all__ = [
+    "SUMMARY_SCHEMA",
+    "aligned",
+    "run_many",
+    "summary_dict",
+    "summary_markdown",
+    "summary_rows",
+]
 
 SUMMARY_SCHEMA = "bnfuse.summary/1"
 ERROR_SCHEMA = "bnfuse.error/1"  # a JSON Lines entry for a model that has no result
@@ -133,9 +140,21 @@ def _write_summary(runs: Sequence[ModelRun], directory: Path) -> None:
             tmp.write_text(text, encoding="utf-8")
 
 
+def aligned(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Rows as lines of space-padded columns. Nothing is ever cut: a line longer than the
+    terminal is left for the terminal to wrap (rich tables would end a name with "…")."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
 def _render_summary(runs: Sequence[ModelRun], console: Any) -> None:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
     ok = sum(1 for r in runs if r.status == "ok")
@@ -144,13 +163,11 @@ def _render_summary(runs: Sequence[ModelRun], console: Any) -> None:
     title = f"bnfuse: {len(runs)} model(s): {ok} ok, {failed} failed"
     title += f", {skipped} skipped" if skipped else ""
     console.print(Text(title, style="bold red" if failed else "bold"))
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="right" if i in (1, 2, 4) else "left", overflow="fold")
-    for run, row in zip(runs, summary_rows(runs), strict=True):
+    lines = aligned([HEADERS, *summary_rows(runs)], right=frozenset({1, 2, 4}))
+    console.print(Text(lines[0], style="bold"), soft_wrap=True)
+    for run, line in zip(runs, lines[1:], strict=True):
         style = "red" if run.status == "failed" else "yellow" if run.status == "skipped" else ""
-        table.add_row(*(Text(c, style=style if i == 5 else "") for i, c in enumerate(row)))
-    console.print(table)
+        console.print(Text(line, style=style), soft_wrap=True)
 
 
 def run_many(args: argparse.Namespace, streams: Any) -> int:
