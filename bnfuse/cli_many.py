@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bnfuse.backend import atomic_path
+from bnfuse.compact import aligned
 from bnfuse.many import ModelRun, fuse_many, worst_exit_code
 from bnfuse.options import OptionError, report_format
 
@@ -138,20 +139,6 @@ def _write_summary(runs: Sequence[ModelRun], directory: Path) -> None:
     ):
         with atomic_path(directory / name) as tmp:
             tmp.write_text(text, encoding="utf-8")
-
-
-def aligned(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
-    """Rows as lines of space-padded columns. Nothing is ever cut: a line longer than the
-    terminal is left for the terminal to wrap (rich tables would end a name with "…")."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return lines
 
 
 def _render_summary(runs: Sequence[ModelRun], console: Any) -> None:

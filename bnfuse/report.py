@@ -369,13 +369,21 @@ def _sections(result: FuseResult, verbose: bool) -> list[_Section]:
 
 
 def render(result: FuseResult, console: Console, *, verbose: bool = False) -> None:
-    """Print the report: header, every BN, model size, validation, latency, notes.
+    """Print the report: header, BNs, model size, validation, latency, notes.
 
-    ``verbose`` adds fold details, output shapes, mean errors, p99 and mean ± std.
+    By default BNs are grouped to fit a screen (:mod:`bnfuse.compact`); ``verbose`` lists
+    every BN with its full name and adds fold details, output shapes, mean errors, p99,
+    mean ± std and the one-off costs table.
     """
+    from bnfuse import compact  # BNs grouped to fit a screen, or every BN's full name (-v)
+
     text, style = _header(result)
     console.print(Text(text, style=style or "bold"))
-    for sec in _sections(result, verbose):
+    console.print()
+    for line, lstyle in compact.bn_lines(result, verbose):
+        console.print(Text(line, style=lstyle), soft_wrap=True)
+    secs = _sections(result, verbose)[1:]
+    for sec in secs if verbose else compact.compact_latency(secs):
         console.print()
         console.print(Text(sec.title, style="bold"))
         if sec.headers:

@@ -168,7 +168,7 @@ def rendered(result: FuseResult, verbose: bool = False) -> str:
 
 
 def test_render_shows_every_bn_and_why() -> None:
-    out = rendered(full_result())
+    out = rendered(full_result(), verbose=True)
     for name in ("bn1", "bn2", "bn3", "bn|weird<name>", "conv1", "fc"):
         assert name in out
     assert "folded backward" in out and "folded forward" in out
@@ -177,6 +177,14 @@ def test_render_shows_every_bn_and_why() -> None:
     assert "body" in out  # scope column appears when any BN is in a subgraph
     assert "models/resnet.onnx → out/fused.onnx (written)" in out
     assert "[onnx]" in out
+
+
+def test_render_groups_bns_by_default() -> None:
+    out = " ".join(rendered(full_result()).split())
+    assert "1 folded backward by conv_bn" in out and "1 folded forward by bn_gemm" in out
+    assert "1 rolled back: its fold failed validation: bn2" in out
+    assert "1 left: the Conv output has 2 consumers: bn|weird<name>" in out
+    assert "setup onnxruntime ORT_DISABLE_ALL original 12.5 ms" in out  # one-off: one line
 
 
 def test_render_before_after_validation_and_latency_numbers() -> None:
@@ -195,8 +203,9 @@ def test_render_before_after_validation_and_latency_numbers() -> None:
     assert "1.875" in out and "1.250" in out  # medians
     assert "1.50x [1.40x, 1.60x]" in out
     assert "533 → 800" in out  # throughput per second
-    assert "setup onnxruntime ORT_DISABLE_ALL original" in out and "12.5" in out
-    assert "first run onnxruntime ORT_DISABLE_ALL original batch=1" in out
+    flat = " ".join(out.split())  # (the one-off costs are one wrapped line by default)
+    assert "setup onnxruntime ORT_DISABLE_ALL original" in flat and "12.5" in flat
+    assert "first run onnxruntime ORT_DISABLE_ALL original batch=1" in flat
     assert "Test CPU 9000" in out
     assert "warning: rolled back 1 fold(s): bn2" in out
     assert "onnxruntime already folds Conv+BatchNormalization" in out
