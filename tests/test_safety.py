@@ -40,9 +40,14 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, sig: signal.Signals) -
     src = make(tmp_path / "m.onnx")
     before = digest(src)
     out = tmp_path / "f.onnx"
+    # A process started with SIGINT ignored (a background job, as a CI runner may start
+    # the test run) passes that on to its children, and Python then never raises
+    # KeyboardInterrupt: the child restores the default handler itself, so the test does
+    # not depend on how it was started.
     script = textwrap.dedent(
         f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from bnfuse.backend import atomic_path
         from bnfuse.onnx.backend import OnnxBackend
 
@@ -72,6 +77,28 @@ def test_interrupted_write_leaves_no_file(tmp_path: Path, sig: signal.Signals) -
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert digest(src) == before
+
+
+def test_interrupt_test_passes_when_started_with_sigint_ignored(tmp_path: Path) -> None:
+    """The test above, run by a pytest whose process ignores SIGINT (inherited by the
+    bnfuse child it starts)."""
+    code = (
+        "import signal, sys, pytest\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+        f"'--rootdir', {str(Path(__file__).parents[1])!r}, "
+        f"{__file__ + '::test_interrupted_write_leaves_no_file'!r}]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "2 passed" in r.stdout
 
 
 def corrupt_fold(monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
