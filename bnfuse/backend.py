@@ -7,7 +7,6 @@ so that fusing an ONNX model never imports tensorflow.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -185,7 +184,8 @@ def _new_temp(dest: Path) -> tuple[int, Path]:
     existing file or link is never reused); returns its descriptor and path."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.bnfuse-tmp{dest.suffix}"
+        # os.urandom, as secrets.token_hex uses, without importing hashlib (~5 ms at start-up)
+        tmp = dest.parent / f".{dest.name}.{os.urandom(4).hex()}.bnfuse-tmp{dest.suffix}"
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
-import secrets
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +40,7 @@ from bnfuse.fold import Scaled
 __all__ = ["LOCATION", "RAW_TYPES", "Payloads", "Span", "is_placeholder", "raw_bytes", "raw_dtype"]
 
 #: external_data location of every placeholder (random per process: not forgeable by a file)
-LOCATION = f"bnfuse-lazy:{secrets.token_hex(8)}"
+LOCATION = f"bnfuse-lazy:{os.urandom(8).hex()}"  # (secrets would import hashlib)
 _EXTERNAL = onnx.TensorProto.EXTERNAL
 
 _T = onnx.TensorProto
