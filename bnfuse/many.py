@@ -204,6 +204,8 @@ def fuse_many(
     paths = expand_models(models)
     out_dir = Path(output_dir) if output_dir is not None else None
     outs = _outputs(paths, out_dir)
+    if out_dir is not None and not out_dir.is_dir() and out_dir.suffix.lower() in MODEL_SUFFIXES:
+        raise OptionError("output_dir", f"{out_dir}: with several models the output is a directory")
     if out_dir is not None and not opts.dry_run:
         if out_dir.exists() and not out_dir.is_dir():
             raise OptionError("output_dir", f"{out_dir}: exists and is not a directory")

@@ -132,6 +132,12 @@ def test_report_file_with_several_models_is_a_usage_error(models: Path) -> None:
     assert code == 2
 
 
+def test_output_file_name_with_several_models_is_a_usage_error(models: Path) -> None:
+    code = run([str(models / "a.onnx"), str(models / "dir"), "-o", str(models / "out.onnx")])
+    assert code == 2
+    assert not (models / "out.onnx").exists()
+
+
 def test_same_output_name_twice_is_a_usage_error(tmp_path: Path) -> None:
     make_model(tmp_path / "x" / "m.onnx")
     make_model(tmp_path / "y" / "m.onnx")
