@@ -262,28 +262,9 @@ def fuse(
             given; ``err.result`` holds the report. Nothing was written.
         ModelLoadError, UnsupportedModelError, MissingDependencyError, UsageError.
     """
-    given = Options(
-        validate=validate,
-        samples=samples,
-        seed=seed,
-        rtol=rtol,
-        atol=atol,
-        inputs=inputs,
-        input_shapes=dict(input_shapes or {}),
-        rollback=rollback,
-        force=force,
-        dry_run=dry_run,
-        skip=tuple(skip),
-        forward=forward,
-        treat_initializer_inputs_as_constants=treat_initializer_inputs_as_constants,
-        unsafe_load=unsafe_load,
-        bench=bench,
-        batches=tuple(batches),
-        threads=threads,
-        bench_seconds=bench_seconds,
-        keep=tuple(keep),
-        reports=tuple(Path(r) for r in reports),
-    )
+    # every keyword of this signature that is an Options field (all but model, output,
+    # options, progress), as given
+    given = Options(**{k: v for k, v in locals().items() if k in _OPTION_FIELDS})
     if options is not None and given != Options():
         raise UsageError("options: pass the settings either as options= or as keywords, not both")
     opts = (options if options is not None else given).check()
@@ -295,6 +276,9 @@ def fuse(
         raise
     _write_reports(result, opts.reports)
     return result
+
+
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 
 
 def _write_reports(result: FuseResult, reports: Sequence[Path]) -> None:

@@ -145,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _bool_pair(p, "forward", True, "allow folding a BN forward into the layer after it")
     _bool_pair(p, "validate", True, "compare fused and original outputs before writing")
+    _add_run_flags(p)
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Validation, benchmark, loading and output flags."""
+    add = p.add_argument
     add("--samples", type=int, default=8, help="random validation samples (default 8)")
     add("--seed", type=int, default=0, help="seed of the random validation inputs")
     add(
@@ -207,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show every BN with its full name, and TensorFlow's own messages",
     )
     add("-q", "--quiet", action="store_true", help="no progress bar")
-    add("--version", action="version", version=f"bnfuse {__version__}")
-    return p  # fmt: skip
+    add("--version", action="version", version=f"bnfuse {__version__}")  # fmt: skip
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:

@@ -78,6 +78,7 @@ class Options:
             object.__setattr__(self, name, tuple(value))
         object.__setattr__(self, "batches", tuple(self.batches))
         object.__setattr__(self, "reports", tuple(Path(p) for p in self.reports))
+        object.__setattr__(self, "input_shapes", dict(self.input_shapes or {}))
 
     def check(self) -> Options:
         """Raise :class:`OptionError` for the first value that cannot be used; else self."""
