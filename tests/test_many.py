@@ -201,3 +201,20 @@ def test_progress_bar_shown_once_across_models(
     monkeypatch.setattr(bnfuse.cli, "_progress", spy)
     assert run([str(models / "a.onnx"), str(models / "dir" / "b.onnx"), "--no-validate"]) == 0
     assert len(bars) == 1
+
+
+@pytest.mark.keras
+def test_a_directory_of_keras_and_onnx_models(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    samples = Path(__file__).resolve().parents[1] / "sample_models"
+    out = tmp_path / "out"
+    runs = fuse_many([samples], out, validate=False)
+    names = sorted(Path(r.source).name for r in runs)
+    assert names == sorted(
+        p.name for p in samples.iterdir() if p.suffix in (".onnx", ".keras", ".h5")
+    )
+    assert {Path(r.source).suffix for r in runs} == {".onnx", ".keras"}
+    assert all(r.status == "ok" and r.result is not None and r.result.folds for r in runs), [
+        (r.source, r.error) for r in runs
+    ]
+    assert sorted(p.name for p in out.iterdir()) == names
