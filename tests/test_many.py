@@ -218,3 +218,11 @@ def test_a_directory_of_keras_and_onnx_models(tmp_path: Path) -> None:
         (r.source, r.error) for r in runs
     ]
     assert sorted(p.name for p in out.iterdir()) == names
+
+
+def test_one_model_report_directory(models: Path) -> None:
+    rep = models / "r"
+    assert run([str(models / "a.onnx"), "--no-validate", "--report", str(rep)]) == 0
+    assert sorted(p.name for p in rep.iterdir()) == ["a.onnx.json", "a.onnx.md"]
+    data = json.loads((rep / "a.onnx.json").read_text(encoding="utf-8"))
+    assert data["schema"] == "bnfuse.result/1" and data["folds"][0]["bn"] == "bn1"
