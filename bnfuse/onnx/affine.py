@@ -351,7 +351,7 @@ def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str,
     counts = {"BatchNormalization": 0, "affine": 0}
 
     def walk(graph: onnx.GraphProto, tree: ShapeTree, outer: Graph | None, fn: bool) -> None:
-        g = Graph(graph, names, True, outer, tree.values, function=fn)
+        g = Graph(graph, names, True, outer, tree.values, function=fn, types=tree.types)
         for i, n in enumerate(graph.node):
             if n.op_type == "BatchNormalization" and _default(n):
                 counts["BatchNormalization"] += 1

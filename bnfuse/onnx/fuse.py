@@ -11,6 +11,7 @@ import onnx
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, first_line
 from bnfuse.onnx.affine import affine_norm
+from bnfuse.onnx.constants import prune as prune_computed
 from bnfuse.onnx.graph import (
     Graph,
     MalformedNodeError,
@@ -66,13 +67,17 @@ class ShapeTree:
 
     values: Mapping[str, Shape] = field(default_factory=dict)
     children: Mapping[tuple[int, str, int], ShapeTree] = field(default_factory=dict)
+    types: Mapping[str, int] = field(default_factory=dict)  # element types, where known
 
 
 def _collect(graph: onnx.GraphProto) -> ShapeTree:
     values: ShapeDict = {}
+    types: dict[str, int] = {}
     children: dict[tuple[int, str, int], ShapeTree] = {}
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.elem_type:
+            types[vi.name] = int(t.elem_type)
         if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
             continue
         values[vi.name] = tuple(
@@ -87,7 +92,7 @@ def _collect(graph: onnx.GraphProto) -> ShapeTree:
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for j, sub in enumerate(a.graphs):
                     children[(i, a.name, j)] = _collect(sub)
-    return ShapeTree(values, children)
+    return ShapeTree(values, children, types)
 
 
 class _Once:
@@ -136,7 +141,11 @@ def lazy_shape_tree(model: onnx.ModelProto) -> ShapeTree:
     node index, are folded before their parent graph changes.
     """
     once = _Once(lambda: shape_tree(model))
-    return ShapeTree(values=_LazyPart(once, "values"), children=_LazyPart(once, "children"))
+    return ShapeTree(
+        values=_LazyPart(once, "values"),
+        children=_LazyPart(once, "children"),
+        types=_LazyPart(once, "types"),
+    )
 
 
 def shape_tree(model: onnx.ModelProto) -> ShapeTree:
@@ -308,6 +317,8 @@ def fuse_graph(
         tree.values,
         function=function,
         payloads=payloads,
+        types=tree.types,
+        opset=opset,
     )
     _fuse_subgraphs(g, names, options, opset, tree, result, scope)
     finders = [
@@ -362,6 +373,7 @@ def fuse_graph(
     result.refusals.extend(refused.values())
     if dead:
         g.remove_unused_initializers(dead, reindex=False)  # the edits kept the index exact
+    prune_computed(g)  # computing nodes of constants that folds replaced
     _check_invariants(g, result, scope)
 
 
