@@ -131,9 +131,7 @@ def test_subgraph_reading_a_graph_input_is_refused() -> None:
     x = b.input("x", ["N", 3, 6, 6])
     s = b.input("s", [4])
     y = b.conv(x, 3, 4, [3, 3])
-    params = [b.node("Identity", [s])] + [
-        b.const(np.ones(4, np.float32)) for _ in range(3)
-    ]
+    params = [b.node("Identity", [s])] + [b.const(np.ones(4, np.float32)) for _ in range(3)]
     b.output(b.node("BatchNormalization", [y, *params], name="bn"))
     res = fuse(b.model(), forward=False)
     assert not res.folds
@@ -147,7 +145,9 @@ def test_shape_of_dynamic_tensor_is_refused_and_static_one_folds() -> None:
         y = b.conv(x, 3, 4, [3, 3], bias=False)
         # a mean computed from the input's shape: Gather(Shape(x), 0) cast to float / 10
         n = b.node("Cast", [b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0))])], to=1)
-        mean = b.node("Expand", [b.node("Div", [n, b.const(np.float32(10))]), b.const(np.array([4]))])
+        mean = b.node(
+            "Expand", [b.node("Div", [n, b.const(np.float32(10))]), b.const(np.array([4]))]
+        )
         params = [b.const(p) for p in (np.full(4, 1.5, np.float32), np.ones(4, np.float32))]
         var = b.const(np.full(4, 2.0, np.float32))
         b.output(b.node("BatchNormalization", [y, *params, mean, var], name="bn"))

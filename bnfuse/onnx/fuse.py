@@ -19,6 +19,7 @@ from bnfuse.onnx.graph import (
     node_label,
     outer_names_used,
 )
+from bnfuse.onnx.layout import LAYOUT_BACKWARD_RULES, LAYOUT_FORWARD_RULES
 from bnfuse.onnx.payloads import Payloads
 from bnfuse.onnx.rules import (
     BACKWARD_RULES,
@@ -35,8 +36,11 @@ __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model"
 #: recognised as normalizations; BatchNormalization nodes still fold.
 AFFINE_FINDER = "const-affine"
 
+_BACKWARD = BACKWARD_RULES + LAYOUT_BACKWARD_RULES  # layout rules last: they delegate
+_FORWARD = LAYOUT_FORWARD_RULES + FORWARD_RULES  # first: bn-gemm claims any Reshape
+
 RULE_NAMES: tuple[str, ...] = (
-    tuple(r.name for r in BACKWARD_RULES) + tuple(r.name for r in FORWARD_RULES) + (AFFINE_FINDER,)
+    tuple(r.name for r in _BACKWARD) + tuple(r.name for r in _FORWARD) + (AFFINE_FINDER,)
 )
 
 NormFinder = Callable[[onnx.NodeProto, Graph, int], "Norm | str | None"]
@@ -305,10 +309,8 @@ def fuse_graph(
     constants count as constants there).
     """
     tree = shapes if isinstance(shapes, ShapeTree) else ShapeTree(values=dict(shapes))
-    backward = [r for r in BACKWARD_RULES if r.name not in options.skip_rules]
-    forward = (
-        [r for r in FORWARD_RULES if r.name not in options.skip_rules] if options.forward else []
-    )
+    backward = [r for r in _BACKWARD if r.name not in options.skip_rules]
+    forward = [r for r in _FORWARD if r.name not in options.skip_rules] if options.forward else []
     g = Graph(
         graph,
         names,
