@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx_util import GraphBuilder, assert_close, count_ops
 
@@ -228,3 +230,57 @@ def test_float16_through_layout() -> None:
     assert [f.bn for f in res.folds] == ["bn"]
     assert helper.tensor_dtype_to_np_dtype(res.model.graph.initializer[0].data_type) == np.float16
     assert_close(m, res.model, rtol=1e-2, atol=1e-2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    perm=st.permutations(range(4)),
+    axis=st.integers(0, 4),
+    reshape=st.sampled_from([None, "split-last", "merge-last"]),
+)
+def test_property_fold_through_transpose_and_reshape_is_sound(
+    perm: list[int], axis: int, reshape: str | None
+) -> None:
+    """Conv [2, 6, 4, 5] -> Transpose(perm) [-> Reshape] -> Mul -> Add along one axis:
+    bnfuse folds exactly when that axis is where the Conv's channels went (and a Reshape
+    keeps it), and a fold never changes the output."""
+    b = GraphBuilder(seed=sum(perm) + axis)
+    x = b.input("x", [2, 3, 4, 5])
+    y = b.node("Transpose", [b.conv(x, 3, 6, [1, 1])], perm=list(perm))
+    dims = [[2, 6, 4, 5][p] for p in perm]
+    channel = list(perm).index(1)
+    if reshape is not None:
+        # split the last axis in two, or merge the last two: the other axes keep place
+        if reshape == "split-last":
+            new = [*dims[:3], 1, dims[3]]
+            channel = 4 if channel == 3 else channel
+        else:
+            new = [*dims[:2], dims[2] * dims[3]]
+            channel = -1 if channel >= 2 else channel  # merged away
+        y = b.node("Reshape", [y, b.const(np.array(new))])
+        dims = new
+    axis = axis % len(dims)
+    shape = [1] * len(dims)
+    shape[axis] = dims[axis]
+    y = b.node("Mul", [y, vec(b, tuple(shape))], name="bn")
+    b.output(b.node("Add", [y, vec(b, tuple(shape), -1, 1)]))
+    m = b.model()
+    res = fuse(m, forward=False)
+    listed = [f.bn for f in res.folds] + [r.bn for r in res.refusals]
+    assert "bn" in listed  # always reported
+    expect = axis == channel or dims[axis] == 1
+    assert (len(res.folds) == 1) == expect, (perm, axis, reshape, res.refusals)
+    if res.folds:
+        assert_close(m, res.model)
+
+
+def test_reshape_with_an_equal_size_elsewhere_is_refused() -> None:
+    """Conv [2, 4, 3, 4] -> Reshape [2, 3, 4, 4]: output axis 2 has the channels' size but
+    not their place (4 elements after it, not 12): a per-axis-2 affine is not per channel."""
+    b = GraphBuilder(seed=15)
+    x = b.input("x", [2, 3, 3, 4])
+    y = b.node("Reshape", [b.conv(x, 3, 4, [1, 1]), b.const(np.array([2, 3, 4, 4]))])
+    b.output(mul_add(b, y, (1, 1, 4, 1), "bn"))
+    res = fuse(b.model(), forward=False)
+    assert not res.folds
+    assert "cannot prove where the channels go" in res.refusals[0].reason
