@@ -197,3 +197,48 @@ def test_shape_start_end_semantics() -> None:
     assert _shape_value(node, (2, 3, 4, 5)).tolist() == [3, 4]
     node = helper.make_node("Shape", ["a"], ["b"], start=-9, end=99)
     assert _shape_value(node, (2, 3)).tolist() == [2, 3]
+
+
+def test_external_data_model_with_large_computed_weight_and_bias(tmp_path: Path) -> None:
+    """A computed weight (Cast of a float16 initializer) and a computed bias both over the
+    inline limit: the new initializers are written to the output's external data file."""
+    from bnfuse.api import fuse as api_fuse
+
+    b = GraphBuilder(seed=12)
+    x = b.input("x", ["N", 32, 6, 6])
+    w16 = b.const(np.random.default_rng(12).normal(0, 0.2, (300, 32, 3, 3)).astype(np.float16))
+    w = b.node("Cast", [w16], to=TensorProto.FLOAT)
+    bias = b.node("Expand", [b.const(np.array([0.25], np.float32)), b.const(np.array([300]))])
+    b.output(b.bn(b.node("Conv", [x, w, bias]), 300, name="bn"))
+    m = b.model()
+    src = tmp_path / "m.onnx"
+    stored = onnx.ModelProto()
+    stored.CopyFrom(m)
+    onnx.save_model(stored, src, save_as_external_data=True, location="m.data", size_threshold=256)
+    out = tmp_path / "out.onnx"
+    res = api_fuse(src, out)
+    assert [f.bn for f in res.folds] == ["bn"] and not res.refusals
+    raw = onnx.load(out, load_external_data=False)
+    assert [n.op_type for n in raw.graph.node] == ["Conv"]
+    external = {
+        t.name for t in raw.graph.initializer if t.data_location == TensorProto.EXTERNAL
+    }
+    assert set(raw.graph.node[0].input[1:]) <= external  # both new tensors live outside
+    fused = onnx.load(out)
+    assert_close(m, fused)
+
+
+def test_overridable_initializer_leaf_needs_the_flag() -> None:
+    b = GraphBuilder(seed=13)
+    x = b.input("x", ["N", 3, 6, 6])
+    y = b.conv(x, 3, 4, [3, 3])
+    mean = b.const(np.full(4, 0.5, np.float32), "mean")
+    b.inputs.append(helper.make_tensor_value_info(mean, TensorProto.FLOAT, [4]))
+    params = [b.const(np.full(4, v, np.float32)) for v in (1.5, 0.1)]
+    var = b.const(np.full(4, 2.0, np.float32))
+    b.output(b.node("BatchNormalization", [y, *params, b.node("Identity", [mean]), var], name="bn"))
+    m = b.model()
+    res = fuse(m, forward=False)
+    assert not res.folds and "overridable" in res.refusals[0].reason
+    res = fuse(m, forward=False, treat_initializer_inputs_as_constants=True)
+    assert [f.bn for f in res.folds] == ["bn"]
