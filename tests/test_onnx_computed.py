@@ -220,9 +220,7 @@ def test_external_data_model_with_large_computed_weight_and_bias(tmp_path: Path)
     assert [f.bn for f in res.folds] == ["bn"] and not res.refusals
     raw = onnx.load(out, load_external_data=False)
     assert [n.op_type for n in raw.graph.node] == ["Conv"]
-    external = {
-        t.name for t in raw.graph.initializer if t.data_location == TensorProto.EXTERNAL
-    }
+    external = {t.name for t in raw.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     assert set(raw.graph.node[0].input[1:]) <= external  # both new tensors live outside
     fused = onnx.load(out)
     assert_close(m, fused)
