@@ -384,9 +384,12 @@ def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str,
 
     names = NameSource(model)
     counts = {"BatchNormalization": 0, "affine": 0}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def walk(graph: onnx.GraphProto, tree: ShapeTree, outer: Graph | None, fn: bool) -> None:
-        g = Graph(graph, names, True, outer, tree.values, function=fn, types=tree.types)
+        g = Graph(
+            graph, names, True, outer, tree.values, function=fn, types=tree.types, opset=opset
+        )
         for i, n in enumerate(graph.node):
             if n.op_type == "BatchNormalization" and _default(n):
                 counts["BatchNormalization"] += 1
