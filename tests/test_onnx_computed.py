@@ -240,3 +240,25 @@ def test_overridable_initializer_leaf_needs_the_flag() -> None:
     assert not res.folds and "overridable" in res.refusals[0].reason
     res = fuse(m, forward=False, treat_initializer_inputs_as_constants=True)
     assert [f.bn for f in res.folds] == ["bn"]
+
+
+def test_finding_layers_never_evaluates_their_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a computed weight makes a node a layer is decided from the graph's structure:
+    a refused fold next to a Cast weight evaluates nothing (a large model's weights stay
+    unread and uncopied)."""
+    from bnfuse.onnx import constants
+
+    calls: list[str] = []
+    real = constants._run_node
+    monkeypatch.setattr(
+        constants, "_run_node", lambda g, n, f: calls.append(n.op_type) or real(g, n, f)
+    )
+    b = GraphBuilder(seed=14)
+    x = b.input("x", ["N", 3, 6, 6])
+    w16 = b.const(np.random.default_rng(14).normal(0, 0.5, (4, 3, 3, 3)).astype(np.float16))
+    y = b.node("Conv", [x, b.node("Cast", [w16], to=TensorProto.FLOAT)])
+    b.output(y)  # the Conv output is also a graph output: the fold is refused first
+    b.output(b.node("Mul", [y, b.const(np.full((1, 4, 1, 1), 2.0, np.float32))], name="mul"))
+    res = fuse(b.model(), forward=False)
+    assert [r.bn for r in res.refusals] == ["mul"] and "graph output" in res.refusals[0].reason
+    assert calls == []

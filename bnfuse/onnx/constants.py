@@ -37,7 +37,15 @@ import onnx
 if TYPE_CHECKING:  # typing only: graph.py calls into this module
     from bnfuse.onnx.graph import Graph
 
-__all__ = ["EVALUABLE_OPS", "MAX_ELEMENTS", "MAX_NODES", "Computed", "computed_reason", "prune"]
+__all__ = [
+    "EVALUABLE_OPS",
+    "MAX_ELEMENTS",
+    "MAX_NODES",
+    "Computed",
+    "computable",
+    "computed_reason",
+    "prune",
+]
 
 #: Pure, deterministic ops with no graph attributes that a computed constant may use.
 EVALUABLE_OPS = frozenset(
@@ -71,6 +79,7 @@ class Computed:
     values: dict[str, np.ndarray] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     inner: set[str] = field(default_factory=set)
+    structure: dict[str, bool] = field(default_factory=dict)  # see computable()
 
 
 class _NotConstant(Exception):
@@ -98,17 +107,34 @@ def computed_reason(g: Graph, name: str) -> str | None:
     return None
 
 
-def _leaf(g: Graph, name: str) -> bool:
-    """A tensor the walk stops at: stored in this graph or an enclosing one."""
+def computable(g: Graph, name: str) -> bool:
+    """Whether ``name`` is computed from stored tensors only (initializers, overridable
+    ones included, and Constant nodes) by ops this module evaluates: decided from the
+    graph's structure alone, without evaluating (and so without reading any weight)."""
+    cache = g.computed
+    if name in cache.values:
+        return True
+    if name not in cache.structure:
+        try:
+            _subgraph(g, name, stored=True)
+            cache.structure[name] = True
+        except _NotConstant:
+            cache.structure[name] = False
+    return cache.structure[name]
+
+
+def _leaf(g: Graph, name: str, stored: bool = False) -> bool:
+    """A tensor the walk stops at: stored in this graph or an enclosing one (``stored``:
+    an initializer also listed as a graph input counts too)."""
     if name in g.inits:
-        return name not in g.input_names or g.treat_initializer_inputs_as_constants
+        return stored or name not in g.input_names or g.treat_initializer_inputs_as_constants
     prod = g.producer.get(name)
     if prod is not None:
         return prod.op_type == "Constant" and g.const_reason(name) is None
     return g.outer is not None and name not in g.input_names and g.outer.const_reason(name) is None
 
 
-def _subgraph(g: Graph, name: str) -> list[onnx.NodeProto]:
+def _subgraph(g: Graph, name: str, stored: bool = False) -> list[onnx.NodeProto]:
     """The nodes computing ``name`` from leaves, in evaluation order; raises _NotConstant."""
     order: list[onnx.NodeProto] = []
     seen: set[str] = set()
@@ -120,7 +146,7 @@ def _subgraph(g: Graph, name: str) -> list[onnx.NodeProto]:
             if prod is not None and all(prod is not n for n in order):
                 order.append(prod)
             continue
-        if cur in seen or _leaf(g, cur):
+        if cur in seen or _leaf(g, cur, stored):
             continue
         seen.add(cur)
         if prod is None:

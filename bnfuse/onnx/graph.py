@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfuse.fold import Scaled, round_to
-from bnfuse.onnx.constants import Computed, computed_reason
+from bnfuse.onnx.constants import Computed, computable, computed_reason
 from bnfuse.onnx.external import DATA_FIELDS, INLINE_LIMIT
 from bnfuse.onnx.payloads import Payloads, is_placeholder, raw_dtype
 
@@ -228,7 +228,12 @@ class Graph:
         """
         if not name:
             return False
-        if name in self.inits or self.const_reason(name) is None:
+        if name in self.inits:
+            return True
+        prod = self.producer.get(name)
+        if prod is not None and prod.op_type != "Constant":
+            return computable(self, name)  # by structure: no weight is evaluated here
+        if self.const_reason(name) is None:
             return True
         if name in self.producer or name in self.input_names:
             return False
@@ -309,12 +314,16 @@ class Graph:
             return len(self._dims(name))
         if op in ("Conv", "ConvTranspose") and len(prod.input) > 1:
             w = prod.input[1]
+            if self._unevaluated(w):
+                return None  # not evaluated just for a rank: shape inference knows it
             if self.const_reason(w) is None or w in self.inits:
                 return len(self._dims(w))
             return None
         if op == "Gemm":
             return 2
         if op == "MatMul" and len(prod.input) == 2:
+            if self._unevaluated(prod.input[1]):
+                return None
             if self.const_reason(prod.input[1]) is not None and prod.input[1] not in self.inits:
                 return None
             if len(self._dims(prod.input[1])) != 2:
@@ -334,6 +343,16 @@ class Graph:
                 return None
             return max(r, len(self._dims(c)))
         return None
+
+    def _unevaluated(self, name: str) -> bool:
+        """A computed tensor (see :mod:`bnfuse.onnx.constants`) not evaluated yet."""
+        prod = self.producer.get(name)
+        return (
+            prod is not None
+            and prod.op_type != "Constant"
+            and name not in self.computed.values
+            and name not in self.computed.reasons
+        )
 
     def _declared_rank(self, name: str) -> int | None:
         """The rank a graph input's type declares, if it declares a shape."""
