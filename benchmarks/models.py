@@ -289,8 +289,111 @@ def small_mixed() -> onnx.ModelProto:
     return b.model()
 
 
+# ---------------------------------------------------------------------------------------
+# As exporters write them: computed constants, layout ops around a BN (issue 18)
+# ---------------------------------------------------------------------------------------
+
+
+class DynamoBuilder(Builder):
+    """Writes every bias-free Conv as ``torch.onnx.export(dynamo=True, optimize=False)``
+    does: bias = Expand(CastLike(Constant 0, x), Expand(Shape(W, 0, 1), [1]))."""
+
+    def conv(
+        self,
+        x: str,
+        cin: int,
+        cout: int,
+        k: int,
+        stride: int = 1,
+        group: int = 1,
+        bias: bool = False,
+        pad: int | None = None,
+    ) -> str:
+        y = super().conv(x, cin, cout, k, stride, group, bias, pad)
+        conv = self.nodes[-1]
+        if not bias:
+            zero = self.node("Constant", [], value=numpy_helper.from_array(np.float32(0.0)))
+            zero = self.node("CastLike", [zero, x])
+            dim0 = self.node("Shape", [conv.input[1]], start=0, end=1)
+            one = self.node("Constant", [], value_ints=[1])
+            b = self.node("Expand", [zero, self.node("Expand", [dim0, one])])
+            self.nodes.remove(conv)
+            conv.input.append(b)
+            self.nodes.append(conv)
+        return y
+
+
+def dynamo_resnet18_56() -> onnx.ModelProto:
+    """resnet18_56 as torch's dynamo exporter writes it without its optimizer: every
+    Conv bias computed by Expand(CastLike(Constant 0), Shape(W)) (10 BNs)."""
+    b = DynamoBuilder("dynamo_resnet18_56", seed=2)
+    x = b.input("image", ["N", 3, 56, 56])
+    y = b.relu(b.bn(b.conv(x, 3, 64, 3), 64))
+    c = 64
+    for cout, blocks, stride in ((64, 2, 1), (128, 2, 2)):
+        for i in range(blocks):
+            y = _resnet_basic(b, y, c, cout, stride if i == 0 else 1)
+            c = cout
+    b.output(y)
+    m = b.model()
+    m.opset_import[0].version = 18  # the dynamo exporter's opset
+    return m
+
+
+def _mul_add(b: Builder, x: str, c: int, shape: tuple[int, ...]) -> str:
+    """A Keras BN as tf2onnx writes it: Mul(x, s) then Add(., t), constants of ``shape``."""
+    s = b.r.uniform(0.5, 1.5, c) * b.r.choice([-1.0, 1.0], c, p=[0.1, 0.9])
+    t = b.r.normal(0, 0.2, c)
+    y = b.node("Mul", [x, b.const(s.reshape(shape).astype(np.float32), "bn_mul")], "bn_mul")
+    return b.node("Add", [y, b.const(t.reshape(shape).astype(np.float32), "bn_add")], "bn_add")
+
+
+def keras_conv1d_net(length: int = 256, width: int = 64, blocks: int = 4) -> onnx.ModelProto:
+    """A Keras Conv1D stack as tf2onnx writes it (NWC input): Unsqueeze -> Transpose ->
+    Conv -> Squeeze, each BN as Mul -> Add after the Squeeze (Conv1D -> BN), then ReLU and a
+    second BN before the next block's Unsqueeze -> valid Conv (BN after the activation):
+    2 BNs per block, none of which any peer folds."""
+    b = Builder("keras_conv1d_net", seed=11)
+    x = b.input("signal", ["N", length, 8])
+    y = b.node("Unsqueeze", [x, b.const(np.array([1]), "axes")])
+    y = b.node("Transpose", [y], perm=[0, 3, 1, 2])
+    cin = 8
+    for i in range(blocks):
+        if i:
+            y = b.node("Unsqueeze", [y, b.const(np.array([2]), "axes")])
+        w = b.weight([width, cin, 1, 3], cin * 3, "conv_W")
+        y = b.node("Conv", [y, w, b.bias(width, "conv_b")], "conv", kernel_shape=[1, 3])
+        y = b.node("Squeeze", [y, b.const(np.array([2]), "axes")])
+        y = _mul_add(b, y, width, (1, width, 1))
+        y = _mul_add(b, b.relu(y), width, (1, width, 1))
+        cin = width
+    b.output(b.node("Transpose", [y], perm=[0, 2, 1]))
+    return b.model()
+
+
+def nhwc_convnet(width: int = 64, blocks: int = 4) -> onnx.ModelProto:
+    """An NHWC-born CNN converted to ONNX with its transposes kept: Conv -> Transpose to
+    NHWC -> Mul -> Add per channel on the last axis -> ReLU -> Transpose back (4 BNs)."""
+    b = Builder("nhwc_convnet", seed=12)
+    y = b.input("image", ["N", 3, 56, 56])
+    cin = 3
+    for _ in range(blocks):
+        y = b.node("Transpose", [b.conv(y, cin, width, 3)], perm=[0, 2, 3, 1])
+        y = b.relu(_mul_add(b, y, width, (width,)))
+        y = b.node("Transpose", [y], perm=[0, 3, 1, 2])
+        cin = width
+    b.output(y)
+    return b.model()
+
+
+#: The exporter-style models (``benchmarks/exporters.py`` compares them with onnxscript).
+EXPORTER_MODELS: tuple[str, ...] = ("dynamo_resnet18_56", "keras_conv1d_net", "nhwc_convnet")
+
 #: Every benchmark model, by name (builders take no arguments).
 MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "dynamo_resnet18_56": dynamo_resnet18_56,
+    "keras_conv1d_net": keras_conv1d_net,
+    "nhwc_convnet": nhwc_convnet,
     "resnet18_56": resnet18_56,
     "resnet34_56": resnet34_56,
     "resnet50_56": resnet50_56,

@@ -272,6 +272,10 @@ CASES: dict[str, Case] = {
         name: Case(name, "hand-built", _doc(bench_models.MODELS[name]), _hand_built(name))
         for name in ("gemm_bn_mlp", "matmul_add_bn_mlp", "grouped_deconv", "bn_gemm_mlp")
     },
+    **{  # as exporters write them (computed constants, layout ops): see exporters.py
+        name: Case(name, "hand-built", _doc(bench_models.MODELS[name]), _hand_built(name))
+        for name in bench_models.EXPORTER_MODELS
+    },
 }
 QUICK = (
     "digits_mlp",

@@ -12,11 +12,19 @@ Identities (x the tensor, c the constant, per channel)::
     Mul(x, c) = c·x          Add(x, c) = x + c          Div(x, c) = (1/c)·x   (c ≠ 0)
     Sub(x, c) = x + (−c)     Sub(c, x) = (−1)·x + c     Div(c, x): not affine in x
 
-Only nodes next to a linear layer are candidates (their tensor comes from a Conv,
-ConvTranspose, Gemm or MatMul with a stored weight, possibly through other affines or BNs,
-or their result feeds one), so a residual ``Add`` of two activations, or a ``Mul`` far from
-any layer, is never reported. An ``Add`` right after a MatMul is that MatMul's bias (the
-``matmul-bn`` rule folds into it), not a normalization.
+What is reported (folded, or refused with a reason):
+
+- a chain with a scale (``Mul``/``Div``) and a shift (``Add``/``Sub``), at least one of
+  them per-channel (one axis, more than one channel): a BN in disguise wherever it sits;
+- any other chain (a lone per-channel ``Mul`` or ``Add``, as an exporter writes a BN with
+  ``scale=False`` / ``center=False``; scalars) only next to a linear layer: its tensor comes
+  from a Conv, ConvTranspose, Gemm or MatMul with a stored weight, possibly through other
+  affines, BNs and layout ops (Reshape, Squeeze, Unsqueeze, Transpose, Identity), or its
+  result feeds one the same way (or through a Flatten).
+
+So a residual ``Add`` of two activations, or a scalar ``Mul`` far from any layer, is never
+reported. An ``Add`` right after a MatMul is that MatMul's bias (the ``matmul-bn`` rule
+folds into it), not a normalization.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ __all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "count_affine_node
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_PASS_BACK = ("BatchNormalization", "Reshape")
-_PASS_FORWARD = ("BatchNormalization", "Flatten", "Reshape")
+#: layout ops the layout-bn / layout-forward rules see through (bnfuse/onnx/layout.py)
+_LAYOUT = ("Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+_PASS_BACK = ("BatchNormalization", *_LAYOUT)
+_PASS_FORWARD = ("BatchNormalization", "Flatten", *_LAYOUT)
 _MAX_WALK = 32
 
 
@@ -278,6 +288,38 @@ def _chain_from(head: Step, g: Graph) -> list[Step]:
     return steps
 
 
+def _chain_containing(st: Step, g: Graph) -> list[Step] | None:
+    """The chain (see :func:`_chain_from`) that ``st`` belongs to."""
+    head = st
+    for _ in range(len(g.g.node)):
+        prev = _prev_step(head, g)
+        if prev is None:
+            break
+        head = prev
+    while True:
+        chain = _chain_from(head, g)
+        if any(s.node is st.node for s in chain):
+            return chain
+        nxt = g.only_consumer(chain[-1].node.output[0])
+        following = step_of(nxt, g) if nxt is not None else None
+        if not isinstance(following, Step):
+            return None  # unreachable for a well-formed walk; stay silent rather than loop
+        head = following
+
+
+def bn_pair(chain: list[Step]) -> bool:
+    """A BN in disguise wherever it sits: a scale (Mul/Div) and a shift (Add/Sub) by
+    constants in one chain, at least one of them per-channel along one axis with more
+    than one channel. Scalar-only chains (``x*0.5 + 0.5`` in an activation) and
+    element-wise constants are not; those, and lone per-channel steps, are listed only
+    next to a linear layer (:func:`near_linear`)."""
+    ops = {s.node.op_type for s in chain}
+    per_channel = any(
+        s.axis is not None and s.axis != ELEMENTWISE and s.affine.channels > 1 for s in chain
+    )
+    return bool(ops & {"Mul", "Div"}) and bool(ops & {"Add", "Sub"}) and per_channel
+
+
 def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None:
     """NORM_FINDER: the affine chain that starts at ``node``, a reason, or None.
 
@@ -297,24 +339,10 @@ def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None
         if x is None or not near_linear(x, node.output[0], g):
             return None
         return st
-    head = st
-    for _ in range(len(g.g.node)):
-        prev = _prev_step(head, g)
-        if prev is None:
-            break
-        head = prev
-    while True:
-        chain = _chain_from(head, g)
-        if any(s.node is node for s in chain):
-            break
-        nxt = g.only_consumer(chain[-1].node.output[0])
-        following = step_of(nxt, g) if nxt is not None else None
-        if not isinstance(following, Step):
-            return None  # unreachable for a well-formed walk; stay silent rather than loop
-        head = following
-    if chain[0].node is not node:
+    chain = _chain_containing(st, g)
+    if chain is None or chain[0].node is not node:
         return None
-    if not near_linear(chain[0].x, chain[-1].node.output[0], g):
+    if not near_linear(chain[0].x, chain[-1].node.output[0], g) and not bn_pair(chain):
         return None
     aff = chain[0].affine
     axis = chain[0].axis
@@ -337,6 +365,13 @@ def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None
     )
 
 
+def _listed(st: Step, x: str, g: Graph) -> bool:
+    if near_linear(x, st.node.output[0], g):
+        return True
+    chain = _chain_containing(st, g)
+    return chain is not None and bn_pair(chain)
+
+
 def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str, int]:
     """BN-equivalent nodes of a model: BatchNormalization nodes, and Mul/Add/Sub/Div by a
     per-channel (or scalar) constant next to a linear layer (a MatMul's bias Add excluded).
@@ -349,9 +384,12 @@ def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str,
 
     names = NameSource(model)
     counts = {"BatchNormalization": 0, "affine": 0}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
     def walk(graph: onnx.GraphProto, tree: ShapeTree, outer: Graph | None, fn: bool) -> None:
-        g = Graph(graph, names, True, outer, tree.values, function=fn)
+        g = Graph(
+            graph, names, True, outer, tree.values, function=fn, types=tree.types, opset=opset
+        )
         for i, n in enumerate(graph.node):
             if n.op_type == "BatchNormalization" and _default(n):
                 counts["BatchNormalization"] += 1
@@ -361,7 +399,7 @@ def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str,
                 except ValueError:  # unreadable constant: not counted
                     st = None
                 x = _non_const_input(n, g)
-                if isinstance(st, Step) and x is not None and near_linear(x, n.output[0], g):
+                if isinstance(st, Step) and x is not None and _listed(st, x, g):
                     counts["affine"] += 1
             for a in n.attribute:
                 subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)

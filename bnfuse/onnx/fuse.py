@@ -12,6 +12,7 @@ from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, first_line
 from bnfuse.keep import EXCLUDED, kept_by, kept_reason
 from bnfuse.onnx.affine import affine_norm
+from bnfuse.onnx.constants import prune as prune_computed
 from bnfuse.onnx.graph import (
     Graph,
     MalformedNodeError,
@@ -19,6 +20,7 @@ from bnfuse.onnx.graph import (
     node_label,
     outer_names_used,
 )
+from bnfuse.onnx.layout import LAYOUT_BACKWARD_RULES, LAYOUT_FORWARD_RULES
 from bnfuse.onnx.payloads import Payloads
 from bnfuse.onnx.rules import (
     BACKWARD_RULES,
@@ -35,8 +37,11 @@ __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model"
 #: recognised as normalizations; BatchNormalization nodes still fold.
 AFFINE_FINDER = "const-affine"
 
+_BACKWARD = BACKWARD_RULES + LAYOUT_BACKWARD_RULES  # layout rules last: they delegate
+_FORWARD = LAYOUT_FORWARD_RULES + FORWARD_RULES  # first: bn-gemm claims any Reshape
+
 RULE_NAMES: tuple[str, ...] = (
-    tuple(r.name for r in BACKWARD_RULES) + tuple(r.name for r in FORWARD_RULES) + (AFFINE_FINDER,)
+    tuple(r.name for r in _BACKWARD) + tuple(r.name for r in _FORWARD) + (AFFINE_FINDER,)
 )
 
 NormFinder = Callable[[onnx.NodeProto, Graph, int], "Norm | str | None"]
@@ -67,13 +72,17 @@ class ShapeTree:
 
     values: Mapping[str, Shape] = field(default_factory=dict)
     children: Mapping[tuple[int, str, int], ShapeTree] = field(default_factory=dict)
+    types: Mapping[str, int] = field(default_factory=dict)  # element types, where known
 
 
 def _collect(graph: onnx.GraphProto) -> ShapeTree:
     values: ShapeDict = {}
+    types: dict[str, int] = {}
     children: dict[tuple[int, str, int], ShapeTree] = {}
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.elem_type:
+            types[vi.name] = int(t.elem_type)
         if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
             continue
         values[vi.name] = tuple(
@@ -88,7 +97,7 @@ def _collect(graph: onnx.GraphProto) -> ShapeTree:
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for j, sub in enumerate(a.graphs):
                     children[(i, a.name, j)] = _collect(sub)
-    return ShapeTree(values, children)
+    return ShapeTree(values, children, types)
 
 
 class _Once:
@@ -137,7 +146,11 @@ def lazy_shape_tree(model: onnx.ModelProto) -> ShapeTree:
     node index, are folded before their parent graph changes.
     """
     once = _Once(lambda: shape_tree(model))
-    return ShapeTree(values=_LazyPart(once, "values"), children=_LazyPart(once, "children"))
+    return ShapeTree(
+        values=_LazyPart(once, "values"),
+        children=_LazyPart(once, "children"),
+        types=_LazyPart(once, "types"),
+    )
 
 
 def shape_tree(model: onnx.ModelProto) -> ShapeTree:
@@ -297,10 +310,8 @@ def fuse_graph(
     constants count as constants there).
     """
     tree = shapes if isinstance(shapes, ShapeTree) else ShapeTree(values=dict(shapes))
-    backward = [r for r in BACKWARD_RULES if r.name not in options.skip_rules]
-    forward = (
-        [r for r in FORWARD_RULES if r.name not in options.skip_rules] if options.forward else []
-    )
+    backward = [r for r in _BACKWARD if r.name not in options.skip_rules]
+    forward = [r for r in _FORWARD if r.name not in options.skip_rules] if options.forward else []
     g = Graph(
         graph,
         names,
@@ -309,6 +320,8 @@ def fuse_graph(
         tree.values,
         function=function,
         payloads=payloads,
+        types=tree.types,
+        opset=opset,
     )
     _fuse_subgraphs(g, names, options, opset, tree, result, scope)
     finders = [
@@ -375,6 +388,7 @@ def fuse_graph(
     result.refusals.extend(refused.values())
     if dead:
         g.remove_unused_initializers(dead, reindex=False)  # the edits kept the index exact
+    prune_computed(g)  # computing nodes of constants that folds replaced
     _check_invariants(g, result, scope)
 
 

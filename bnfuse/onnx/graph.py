@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfuse.fold import Scaled, round_to
+from bnfuse.onnx.constants import Computed, computable, computed_reason
 from bnfuse.onnx.external import DATA_FIELDS, INLINE_LIMIT
 from bnfuse.onnx.payloads import Payloads, is_placeholder, raw_dtype
 
@@ -125,12 +126,18 @@ class Graph:
     #: the data of placeholder tensors (see :mod:`bnfuse.onnx.payloads`), shared by the
     #: main graph and its subgraphs; the main graph's large new weights are stored there
     payloads: Payloads | None = None
+    #: element types by tensor name (shape inference), for computed constants' CastLike
+    types: Mapping[str, int] = field(default_factory=dict)
+    #: the graph's default-domain opset (0: unknown), for evaluating computed constants
+    opset: int = 0
     producer: dict[str, onnx.NodeProto] = field(init=False)
     consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
     inits: dict[str, onnx.TensorProto] = field(init=False)
     input_names: set[str] = field(init=False)
     output_names: set[str] = field(init=False)
     _recent: dict[str, np.ndarray] = field(init=False, default_factory=dict)
+    #: values of constants the graph computes (see :mod:`bnfuse.onnx.constants`)
+    computed: Computed = field(init=False, default_factory=Computed)
 
     def __post_init__(self) -> None:
         self.reindex()
@@ -203,7 +210,9 @@ class Graph:
                 and _constant_value(prod) is not None
             ):
                 return None
-            return f"{name!r} is computed by a {prod.op_type} node, not a constant"
+            if prod.op_type == "Constant":
+                return f"{name!r} is computed by a {prod.op_type} node, not a constant"
+            return computed_reason(self, name)  # a subgraph of constants, or why not
         if name in self.input_names:
             where = "function input" if self.function else "graph input"
             return f"{name!r} is a {where}, not a constant"
@@ -219,7 +228,12 @@ class Graph:
         """
         if not name:
             return False
-        if name in self.inits or self.const_reason(name) is None:
+        if name in self.inits:
+            return True
+        prod = self.producer.get(name)
+        if prod is not None and prod.op_type != "Constant":
+            return computable(self, name)  # by structure: no weight is evaluated here
+        if self.const_reason(name) is None:
             return True
         if name in self.producer or name in self.input_names:
             return False
@@ -245,6 +259,8 @@ class Graph:
             tensor = _constant_value(prod)
             if tensor is not None:
                 return self._to_array(tensor)
+        if name in self.computed.values:
+            return self.computed.values[name]
         if self.outer is not None:
             return self.outer.const(name)
         raise KeyError(name)
@@ -258,6 +274,8 @@ class Graph:
             tensor = _constant_value(prod)
             if tensor is not None:
                 return int(tensor.data_type)
+        if name in self.computed.values:
+            return onnx.helper.np_dtype_to_tensor_dtype(self.computed.values[name].dtype)
         if self.outer is not None:
             return self.outer.const_dtype(name)
         raise KeyError(name)
@@ -296,12 +314,16 @@ class Graph:
             return len(self._dims(name))
         if op in ("Conv", "ConvTranspose") and len(prod.input) > 1:
             w = prod.input[1]
+            if self._unevaluated(w):
+                return None  # not evaluated just for a rank: shape inference knows it
             if self.const_reason(w) is None or w in self.inits:
                 return len(self._dims(w))
             return None
         if op == "Gemm":
             return 2
         if op == "MatMul" and len(prod.input) == 2:
+            if self._unevaluated(prod.input[1]):
+                return None
             if self.const_reason(prod.input[1]) is not None and prod.input[1] not in self.inits:
                 return None
             if len(self._dims(prod.input[1])) != 2:
@@ -321,6 +343,16 @@ class Graph:
                 return None
             return max(r, len(self._dims(c)))
         return None
+
+    def _unevaluated(self, name: str) -> bool:
+        """A computed tensor (see :mod:`bnfuse.onnx.constants`) not evaluated yet."""
+        prod = self.producer.get(name)
+        return (
+            prod is not None
+            and prod.op_type != "Constant"
+            and name not in self.computed.values
+            and name not in self.computed.reasons
+        )
 
     def _declared_rank(self, name: str) -> int | None:
         """The rank a graph input's type declares, if it declares a shape."""
