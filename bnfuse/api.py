@@ -192,7 +192,7 @@ def fuse(
     seed: int = 0,
     rtol: float | None = None,
     atol: float | None = None,
-    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | Sequence[Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     rollback: bool = False,
     force: bool = False,
@@ -206,6 +206,8 @@ def fuse(
     threads: int = 1,
     bench_seconds: float = 10.0,
     progress: Progress | None = None,
+    check_stats: bool = False,
+    recalibrate: bool = False,
 ) -> FuseResult:
     """Fold every BatchNormalization of ``model`` into a neighbouring linear layer.
 
@@ -219,7 +221,8 @@ def fuse(
             optimizations disabled, or Keras ``model(x, training=False)``).
         samples, seed: random validation inputs (ignored for dims given by ``inputs``).
         rtol, atol: tolerance; ``None`` picks defaults suited to the output dtype.
-        inputs: real validation data, an ``.npz`` path or a name->array mapping.
+        inputs: real validation data, an ``.npz`` path or a name->array mapping, a
+            directory of ``.npz`` shards or a list of those.
         input_shapes: concrete shapes for inputs with symbolic dims.
         rollback: on validation failure, undo the responsible folds and keep the rest.
         force: write the model even when validation failed.
@@ -234,6 +237,12 @@ def fuse(
             ``force``).
         batches, threads, bench_seconds: benchmark settings.
         progress: callback ``(description, completed, total)``.
+        check_stats: compare every BN's moving statistics with ``inputs`` (without data:
+            flag what the weights show), and report how much each fold widened the
+            weight range (``result.bn_stats``, ``Fold.widening``); see :mod:`bnfuse.stats`.
+        recalibrate: re-estimate the moving statistics from ``inputs`` (upstream BNs
+            first) before folding; validation then compares with the recalibrated model
+            and ``result.recalibration`` says how far outputs moved from the original.
 
     Returns:
         A :class:`~bnfuse.result.FuseResult`.
@@ -259,16 +268,30 @@ def fuse(
     early_notes = _configure_threads(backend, threads) if bench else []
     original = backend.load(src, unsafe_load=unsafe_load) if src else backend.accept(model)
     before = backend.stats(original, src)
+    bn_check = None
+    if check_stats or recalibrate:  # before folding: --recalibrate changes what is folded
+        from bnfuse.calibrate import check_model
+
+        bn_check = check_model(
+            backend,
+            original,
+            inputs,
+            recalibrate=recalibrate,
+            progress=lambda what: _report(progress, what, 0, None),
+        )
+        original = bn_check.folded
     options = FuseOptions(
         skip_rules=frozenset(skip),
         treat_initializer_inputs_as_constants=treat_initializer_inputs_as_constants,
         forward=forward,
         # a model loaded here and needed by nothing after the fold (no validation, no
         # benchmark): rewrite it without copying
-        in_place=bool(src) and not validate and not bench,
+        in_place=bool(src) and not validate and not bench and bn_check is None,
     )
     _report(progress, "folding", 0, None)
     passed = backend.fuse(original, options)
+    if bn_check is not None:
+        passed = bn_check.finish(passed)
     warnings = early_notes + list(passed.warnings)
 
     validation: Validation | None = None
@@ -279,6 +302,8 @@ def fuse(
         if inputs is not None:
             feeds = _inputs.load_feeds(inputs, runner.inputs)
             source = str(inputs) if not isinstance(inputs, Mapping) else "user arrays"
+            if isinstance(inputs, list | tuple):
+                source = ", ".join(map(str, inputs))
         else:
             feeds = _inputs.random_feeds(runner.inputs, samples, seed, input_shapes or {})
             source = f"random (seed {seed}, {samples} samples)"
@@ -324,6 +349,8 @@ def fuse(
         validation=validation,
         bnfuse_version=__version__,
         warnings=tuple(warnings),
+        bn_stats=bn_check.entries(passed.folds, passed.refusals) if bn_check else (),
+        recalibration=bn_check.outcome.recalibration if bn_check else None,
     )
 
     if bench and not failed:

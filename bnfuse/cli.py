@@ -105,10 +105,11 @@ def fuse_command(
     samples: Annotated[int, typer.Option("--samples", help="Random validation samples.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random validation inputs.")] = 0,
     inputs: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             "--inputs",
-            help="Validate on real data: an .npz keyed by input name.",
+            help="Validate on real data: an .npz keyed by input name, or a directory of "
+            ".npz shards (repeatable).",
             show_default=False,
         ),
     ] = None,
@@ -168,6 +169,21 @@ def fuse_command(
     list_rules: Annotated[
         bool, typer.Option("--list-rules", help="List the rule names of MODEL's format and exit.")
     ] = False,
+    check_stats: Annotated[
+        bool,
+        typer.Option(
+            "--check-stats",
+            help="Check BN moving statistics against --inputs (or the weights alone) and "
+            "report how much each fold widens the weight range.",
+        ),
+    ] = False,
+    recalibrate: Annotated[
+        bool,
+        typer.Option(
+            "--recalibrate",
+            help="Re-estimate BN moving statistics from --inputs before folding.",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show more detail.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
     version: Annotated[
@@ -220,6 +236,8 @@ def fuse_command(
             list_rules,
             verbose,
             quiet,
+            check_stats,
+            recalibrate,
         )
     except BnfuseError as exc:
         err.print(f"bnfuse: error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
@@ -257,7 +275,7 @@ def _run(
     validate: bool,
     samples: int,
     seed: int,
-    inputs: Path | None,
+    inputs: list[Path] | None,
     input_shape: list[str],
     rtol: float | None,
     atol: float | None,
@@ -272,6 +290,8 @@ def _run(
     list_rules: bool,
     verbose: bool,
     quiet: bool,
+    check_stats: bool = False,
+    recalibrate: bool = False,
 ) -> int:
     from bnfuse import api
     from bnfuse import report as _report
@@ -307,7 +327,7 @@ def _run(
                 seed=seed,
                 rtol=rtol,
                 atol=atol,
-                inputs=inputs,
+                inputs=(inputs[0] if len(inputs) == 1 else inputs) if inputs else None,
                 input_shapes=shapes,
                 rollback=rollback,
                 force=force,
@@ -321,6 +341,8 @@ def _run(
                 threads=threads,
                 bench_seconds=bench_seconds,
                 progress=progress_cb,
+                check_stats=check_stats,
+                recalibrate=recalibrate,
             )
         except ValidationError as exc:
             failure = exc
