@@ -105,7 +105,7 @@ def stats_sections(
         ]
         if len(wide) > len(rows):
             lines.append((f"… {len(wide) - len(rows)} more (all in --verbose and JSON)", "dim"))
-        headers = ("BN", "into", "max|W'| / max|W|", "scale spread max|s|/min|s|")
+        headers = ("BN", "into", "widening (max W' / max W)", "scale spread (max s / min s)")
         out.append(section("Weight range after folding", headers, rows, lines, frozenset({2, 3})))
     rec = result.recalibration
     if rec is not None:
