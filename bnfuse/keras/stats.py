@@ -117,7 +117,7 @@ class KerasCollector:
         acc: dict[str, Moments] = {}
         for feed in feeds:
             flat = [np.asarray(feed[n]) for n in order]
-            outs = sub(flat[0] if len(flat) == 1 else flat, training=False)
+            outs = sub(flat, training=False)  # a list, as the sub-model's inputs are
             outs = outs if isinstance(outs, list | tuple) else [outs]
             for name, out in zip(names, outs, strict=True):
                 m = Moments.of(_np(out), keep[name])
