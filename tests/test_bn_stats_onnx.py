@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -372,3 +374,52 @@ def test_cli_end_to_end(files: dict[str, Path], tmp_path: Path) -> None:
     )
     assert r.exit_code == 0
     assert {s["flag"] for s in json.loads(r.stdout)["bn_stats"]} == {"ok"}
+
+
+def test_check_stats_on_onnx_never_imports_tensorflow(files: dict[str, Path]) -> None:
+    code = (
+        "import sys, bnfuse\n"
+        f"bnfuse.fuse({str(files['stale'])!r}, recalibrate=True, check_stats=True, "
+        f"inputs={str(files['data'])!r})\n"
+        "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=root
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_recalibrating_shared_statistics_gives_each_bn_its_own(tmp_path: Path) -> None:
+    r = np.random.default_rng(7)
+    w = r.normal(0, 1, (3, 3, 1, 1)).astype(np.float32)
+    arrays = {"W": w, "g": np.ones(3), "b": np.zeros(3), "m": np.zeros(3), "v": np.ones(3)}
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in arrays.items()]
+    nodes = [  # both BNs read the same (never updated) statistics tensors
+        helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["n"], name="bn_a"),
+        helper.make_node("Conv", ["n", "W"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn_b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = data()
+    np.savez(tmp_path / "x.npz", x=x)
+    res = bnfuse.fuse(path, recalibrate=True, inputs=tmp_path / "x.npz")
+    assert {s.flag for s in res.bn_stats} == {"default"}
+    assert res.recalibration is not None and res.recalibration.waves == 2
+    x64 = x.astype(np.float64)
+    n = (x64 - x64.mean((0, 2, 3))[:, None, None]) / np.sqrt(x64.var((0, 2, 3)) + EPS)[
+        :, None, None
+    ]
+    c = np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float64), n)
+    want = (c - c.mean((0, 2, 3))[:, None, None]) / np.sqrt(c.var((0, 2, 3)) + EPS)[:, None, None]
+    got = run(bnfuse.fuse(path, recalibrate=True, inputs={"x": x}).model, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

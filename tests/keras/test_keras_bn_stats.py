@@ -171,3 +171,19 @@ def test_channels_last_conv_and_cli(tmp_path: Path) -> None:
     want = h.mean((1, 2))  # recalibrated BN: (h - mean) / sqrt(var + eps) * g + be, pooled
     want = (want - h.mean((0, 1, 2))) / np.sqrt(h.var((0, 1, 2)) + 1e-3) * g + be
     np.testing.assert_allclose(predict(fused, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bn_inside_a_nested_model_is_reported_not_checked() -> None:
+    inner_in = keras.Input((8,))
+    inner = keras.Model(
+        inner_in, keras.layers.BatchNormalization(name="inner_bn")(inner_in), name="inner"
+    )
+    x = keras.Input((6,), name="x")
+    h = keras.layers.Dense(8, name="d")(x)
+    y = keras.layers.BatchNormalization(name="outer_bn")(inner(h))
+    model = keras.Model(x, y)
+    res = bnfuse.fuse(model, check_stats=True, inputs={"x": data()})
+    stats = {s.bn: s for s in res.bn_stats}
+    assert stats["inner_bn"].flag == "not-checked" and stats["inner_bn"].scope == "inner"
+    assert stats["outer_bn"].flag == "default" and stats["outer_bn"].samples == 40
+    assert res.bn_stats[-1].bn == "inner_bn"  # worst first: not-checked goes last
