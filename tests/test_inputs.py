@@ -267,7 +267,7 @@ def test_shards_directory_and_list_stream_in_order(tmp_path: Path) -> None:
         next(lazy)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UsageError, match="no .npz shards"):
+    with pytest.raises(UsageError, match=r"no \.npz shards"):
         load_feeds(empty, s)
     with pytest.raises(UsageError, match="no data"):
         load_feeds([], s)
