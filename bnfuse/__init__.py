@@ -23,18 +23,22 @@ from bnfuse.errors import (
 )
 from bnfuse.result import (
     BenchResult,
+    BnStat,
     Fold,
     FuseResult,
     LatencyRow,
     LatencyStats,
     ModelStats,
     OutputMetrics,
+    OutputShift,
+    Recalibration,
     Refusal,
     Validation,
 )
 
 __all__ = [
     "BenchResult",
+    "BnStat",
     "BnfuseError",
     "Fold",
     "FuseResult",
@@ -45,6 +49,8 @@ __all__ = [
     "ModelLoadError",
     "ModelStats",
     "OutputMetrics",
+    "OutputShift",
+    "Recalibration",
     "Refusal",
     "UnsupportedModelError",
     "UsageError",

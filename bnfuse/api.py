@@ -263,6 +263,8 @@ def fuse(
         )
     if samples < 1:
         raise UsageError("--samples must be at least 1")
+    if recalibrate and inputs is None:
+        raise UsageError("--recalibrate needs data: give --inputs FILE.npz (or a directory)")
 
     _report(progress, "loading model", 0, None)
     early_notes = _configure_threads(backend, threads) if bench else []
