@@ -81,11 +81,15 @@ def _counting(
 
 
 def _weights_only(site: Site) -> BnStat:
-    if site.reason:
+    if site.reason and (site.mean is None or site.var is None):
         return BnStat(
             site.name, "not-checked", channels=site.channels, scope=site.scope, note=site.reason
         )
     flag, note = weight_flag(site.mean, site.var, site.eps, site.gamma, site.beta)
+    if site.reason:  # not run, but what its weights show is still worth saying
+        flag, note = (
+            ("not-checked", site.reason) if flag == "ok" else (flag, f"{note}; {site.reason}")
+        )
     return BnStat(
         site.name,
         flag,
@@ -141,15 +145,15 @@ def run(
             raise UsageError("--recalibrate needs data: give --inputs")
         return Outcome([_weights_only(s) for s in sites])
     good = [s for s in sites if not s.reason]
-    out = {s.name: _weights_only(s) for s in sites if s.reason}
+    out = {(s.name, s.scope): _weights_only(s) for s in sites if s.reason}
     if not recalibrate:
         if good:
             if progress:
                 progress("collecting BN statistics")
             moments = collector.collect(model, [s.name for s in good], checked_feeds(feeds()))
             for s in good:
-                out[s.name] = _checked(s, moments[s.name], False)
-        return Outcome([out[s.name] for s in sites])
+                out[s.name, s.scope] = _checked(s, moments[s.name], False)
+        return Outcome([out[s.name, s.scope] for s in sites])
     current = model
     depths = sorted({s.depth for s in good})
     runs = 0
@@ -162,12 +166,12 @@ def run(
         runs = counted[0]
         new = {}
         for s in wave:
-            out[s.name] = _checked(s, moments[s.name], True)
+            out[s.name, s.scope] = _checked(s, moments[s.name], True)
             new[s.name] = (moments[s.name].mean, moments[s.name].var)
         current = collector.with_stats(current, new)
     shifts = output_shift(runner, model, current, feeds) if runner is not None and good else ()
     recal = Recalibration(tuple(s.name for s in good), len(depths), runs, tuple(shifts))
-    return Outcome([out[s.name] for s in sites], current, recal)
+    return Outcome([out[s.name, s.scope] for s in sites], current, recal)
 
 
 def output_shift(

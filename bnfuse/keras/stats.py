@@ -44,7 +44,6 @@ class KerasCollector:
 
     def __init__(self, model: Any) -> None:
         self.sites: list[Site] = []
-        self._layers: dict[str, Any] = {}
         bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
         ids = {id(la) for la in bns}
         memo: dict[int, int] = {}
@@ -76,12 +75,30 @@ class KerasCollector:
 
         for la in bns:
             self._add_site(la, depth)
+        self._inner(model, "")
 
-    def _add_site(self, layer: Any, depth: Any) -> None:
-        reason = ""
+    def _inner(self, model: Any, path: str) -> None:
+        """BNs inside nested models and other layers: sites that are not run (their
+        weights alone are still checked)."""
+        for la in model.layers:
+            if isinstance(la, keras.layers.BatchNormalization):
+                if path:
+                    self._add_site(la, None, f"inside nested model '{path}': not run", path)
+                continue
+            scope = f"{path}/{la.name}" if path else la.name
+            if isinstance(la, keras.Model) and hasattr(la, "layers"):
+                self._inner(la, scope)
+                continue
+            for sub in la._flatten_layers(include_self=False):
+                if isinstance(sub, keras.layers.BatchNormalization):
+                    self._add_site(sub, None, f"inside layer '{scope}': not run", scope)
+
+    def _add_site(self, layer: Any, depth: Any, reason: str = "", scope: str = "") -> None:
         d = 1
         calls = len(getattr(layer, "_inbound_nodes", []))
-        if type(layer) is not keras.layers.BatchNormalization:
+        if reason:
+            pass
+        elif type(layer) is not keras.layers.BatchNormalization:
             reason = f"subclass of BatchNormalization ({type(layer).__name__})"
         elif calls != 1:
             reason = f"shared layer (called {calls} times)"
@@ -102,9 +119,9 @@ class KerasCollector:
                 beta=_np(layer.beta) if layer.center else None,
                 depth=d,
                 reason=reason,
+                scope=scope,
             )
         )
-        self._layers[layer.name] = layer
 
     def collect(
         self, model: Any, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]

@@ -182,8 +182,14 @@ def test_bn_inside_a_nested_model_is_reported_not_checked() -> None:
     h = keras.layers.Dense(8, name="d")(x)
     y = keras.layers.BatchNormalization(name="outer_bn")(inner(h))
     model = keras.Model(x, y)
+    for inputs in (None, {"x": data()}):  # never updated: its weights say so, run or not
+        stats = {s.bn: s for s in bnfuse.fuse(model, check_stats=True, inputs=inputs).bn_stats}
+        assert stats["inner_bn"].flag == "default" and stats["inner_bn"].scope == "inner"
+        assert "not run" in stats["inner_bn"].note
+    bn = inner.get_layer("inner_bn")
+    bn.set_weights([np.full(8, 2.0), np.ones(8), np.ones(8), np.full(8, 3.0)])
     res = bnfuse.fuse(model, check_stats=True, inputs={"x": data()})
     stats = {s.bn: s for s in res.bn_stats}
-    assert stats["inner_bn"].flag == "not-checked" and stats["inner_bn"].scope == "inner"
+    assert stats["inner_bn"].flag == "not-checked" and stats["inner_bn"].mean_shift is None
     assert stats["outer_bn"].flag == "default" and stats["outer_bn"].samples == 40
     assert res.bn_stats[-1].bn == "inner_bn"  # worst first: not-checked goes last
