@@ -16,7 +16,10 @@ from typing import Any
 import keras
 import numpy as np
 
+from bnfuse.backend import FuseOptions
 from bnfuse.calibrate import Site
+from bnfuse.keras import fuse as _fuse
+from bnfuse.keras import rules as _rules
 from bnfuse.keras.runtime import input_names
 from bnfuse.stats import Moments
 
@@ -144,8 +147,10 @@ class KerasCollector:
     def with_stats(self, model: Any, new: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> Any:
         """A copy of ``model`` whose BN layers ``new`` have the given moving mean and
         variance (rounded once to the variables' dtype); ``model`` is unchanged."""
-        clone = keras.models.clone_model(model)
-        clone.set_weights(model.get_weights())
+        # bnfuse's own rebuild (from the config, every variable copied exactly), with
+        # every rule skipped: the copy a fold would start from, Lambda layers included
+        skip = FuseOptions(skip_rules=frozenset(_rules.rule_names()))
+        clone = _fuse.fuse(model, skip).model
         for name, (mean, var) in new.items():
             layer = clone.get_layer(name)
             for v, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
