@@ -31,12 +31,15 @@ if TYPE_CHECKING:
     from bnfuse.options import OptionError, Options
     from bnfuse.result import (
         BenchResult,
+        BnStat,
         Fold,
         FuseResult,
         LatencyRow,
         LatencyStats,
         ModelStats,
         OutputMetrics,
+        OutputShift,
+        Recalibration,
         Refusal,
         Validation,
     )
@@ -64,12 +67,15 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(
         (
             "BenchResult",
+            "BnStat",
             "Fold",
             "FuseResult",
             "LatencyRow",
             "LatencyStats",
             "ModelStats",
             "OutputMetrics",
+            "OutputShift",
+            "Recalibration",
             "Refusal",
             "Validation",
         ),
@@ -93,6 +99,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BenchResult",
+    "BnStat",
     "BnfuseError",
     "Fold",
     "FuseResult",
@@ -106,6 +113,8 @@ __all__ = [
     "OptionError",
     "Options",
     "OutputMetrics",
+    "OutputShift",
+    "Recalibration",
     "Refusal",
     "UnsupportedModelError",
     "UsageError",

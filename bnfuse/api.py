@@ -198,7 +198,7 @@ def fuse(
     seed: int = 0,
     rtol: float | None = None,
     atol: float | None = None,
-    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | Sequence[Any] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     rollback: bool = False,
     force: bool = False,
@@ -215,6 +215,8 @@ def fuse(
     reports: Sequence[str | os.PathLike[str]] = (),
     options: Options | None = None,
     progress: Progress | None = None,
+    check_stats: bool = False,
+    recalibrate: bool = False,
 ) -> FuseResult:
     """Fold every BatchNormalization of ``model`` into a neighbouring linear layer.
 
@@ -253,6 +255,12 @@ def fuse(
             validation failed.
         options: all of the above as one object.
         progress: callback ``(description, completed, total)``.
+        check_stats: compare every BN's moving statistics with ``inputs`` (without data:
+            flag what the weights show), and report how much each fold widened the
+            weight range (``result.bn_stats``, ``Fold.widening``); see :mod:`bnfuse.stats`.
+        recalibrate: re-estimate the moving statistics from ``inputs`` (upstream BNs
+            first) before folding; validation then compares with the recalibrated model
+            and ``result.recalibration`` says how far outputs moved from the original.
 
     Returns:
         A :class:`~bnfuse.result.FuseResult`.
@@ -306,17 +314,31 @@ def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> Fus
     early_notes = _configure_threads(backend, o.threads) if o.bench else []
     original = backend.load(src, unsafe_load=o.unsafe_load) if src else backend.accept(model)
     before = backend.stats(original, src)
+    bn_check = None
+    if o.check_stats or o.recalibrate:  # before folding: --recalibrate changes what is folded
+        from bnfuse.calibrate import check_model
+
+        bn_check = check_model(
+            backend,
+            original,
+            o.inputs,
+            recalibrate=o.recalibrate,
+            progress=lambda what: _report(progress, what, 0, None),
+        )
+        original = bn_check.folded
     options = FuseOptions(
         skip_rules=frozenset(o.skip),
         treat_initializer_inputs_as_constants=o.treat_initializer_inputs_as_constants,
         forward=o.forward,
         # a model loaded here and needed by nothing after the fold (no validation, no
         # benchmark): rewrite it without copying
-        in_place=bool(src) and not o.validate and not o.bench,
+        in_place=bool(src) and not o.validate and not o.bench and bn_check is None,
         keep=o.keep,
     )
     _report(progress, "folding", 0, None)
     passed = backend.fuse(original, options)
+    if bn_check is not None:
+        passed = bn_check.finish(passed)
     warnings = early_notes + list(passed.warnings)
 
     validation: Validation | None = None
@@ -346,6 +368,8 @@ def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> Fus
         validation=validation,
         bnfuse_version=__version__,
         warnings=tuple(warnings),
+        bn_stats=bn_check.entries(passed.folds, passed.refusals) if bn_check else (),
+        recalibration=bn_check.outcome.recalibration if bn_check else None,
     )
 
     if o.bench and not failed:
@@ -407,6 +431,8 @@ def _validated(
     if o.inputs is not None:
         feeds = _inputs.load_feeds(o.inputs, runner.inputs)
         source = str(o.inputs) if not isinstance(o.inputs, Mapping) else "user arrays"
+        if isinstance(o.inputs, list | tuple):
+            source = ", ".join(map(str, o.inputs))
     else:
         feeds = _inputs.random_feeds(runner.inputs, o.samples, o.seed, o.input_shapes)
         source = f"random (seed {o.seed}, {o.samples} samples)"

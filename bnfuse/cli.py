@@ -66,6 +66,8 @@ FLAGS: dict[str, str] = {
     "bench_seconds": "--bench-seconds",
     "keep": "--keep",
     "reports": "--report",
+    "recalibrate": "--recalibrate",
+    "check_stats": "--check-stats",
     "jobs": "--jobs",
     "models": "MODEL",
     "output_dir": "--output",
@@ -157,8 +159,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     add(
         "--inputs",
         type=Path,
+        action="append",
+        default=[],
         metavar="NPZ",
-        help="validate on real data: an .npz keyed by input name",
+        help="validate on real data: an .npz keyed by input name, or a directory of .npz "
+        "shards (repeatable)",
     )
     add(
         "--input-shape",
@@ -193,6 +198,17 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--unsafe-load",
         action="store_true",
         help="Keras: allow Lambda layers (runs code stored in the file)",
+    )
+    add(
+        "--check-stats",
+        action="store_true",
+        help="check BN moving statistics against --inputs (or the weights alone) and report "
+        "how much each fold widens the weight range",
+    )
+    add(
+        "--recalibrate",
+        action="store_true",
+        help="re-estimate BN moving statistics from --inputs (upstream first) before folding",
     )
     add(
         "-j",
@@ -241,7 +257,7 @@ def options_from(args: argparse.Namespace, reports: Sequence[Path] = ()) -> Opti
         seed=args.seed,
         rtol=args.rtol,
         atol=args.atol,
-        inputs=args.inputs,
+        inputs=_inputs_arg(args.inputs),
         input_shapes=shapes,
         rollback=args.rollback,
         force=args.force,
@@ -256,7 +272,16 @@ def options_from(args: argparse.Namespace, reports: Sequence[Path] = ()) -> Opti
         bench_seconds=args.bench_seconds,
         keep=tuple(args.keep),
         reports=tuple(reports),
+        check_stats=args.check_stats,
+        recalibrate=args.recalibrate,
     )
+
+
+def _inputs_arg(paths: list[Path]) -> Path | tuple[Path, ...] | None:
+    """``--inputs`` as the API takes it: one path, several, or None."""
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 else tuple(paths)
 
 
 def _message(exc: BnfuseError) -> str:

@@ -19,6 +19,9 @@ Conventions
   one rank short of the input gets a leading axis of 1 (a single example). Every input must
   give the same number of runs. Arrays are cast to the input's dtype when the cast is
   safe (same kind or wider kind, and the values survive the cast).
+* Several sources: ``--inputs`` may be repeated, or name a directory, whose ``*.npz``
+  files (sorted by name) are shards; the runs of all shards follow one another.
+  :func:`iter_feeds` reads one shard at a time (BN statistics stream over them).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ from bnfuse.errors import UsageError
 
 __all__ = [
     "is_float_dtype",
+    "iter_feeds",
     "load_feeds",
     "parse_input_shape",
     "random_feeds",
@@ -298,11 +302,46 @@ def _split_runs(spec: InputSpec, arr: np.ndarray) -> list[np.ndarray]:
     return [arr[i : i + k] for i in range(0, n, k)]
 
 
+Source = str | os.PathLike[str] | Mapping[str, np.ndarray]
+
+
+def shards(src: Source | Sequence[Source]) -> list[Source]:
+    """The single sources ``src`` stands for: a directory's ``*.npz`` files sorted by
+    name, each element of a list, or ``src`` itself.
+
+    Raises:
+        UsageError: a directory without ``.npz`` files, or an empty list.
+    """
+    if isinstance(src, Mapping):
+        return [src]
+    if not isinstance(src, str | os.PathLike):
+        out = [s for one in src for s in shards(one)]
+        if not out:
+            raise UsageError("--inputs: no data given")
+        return out
+    path = Path(src)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+        if not found:
+            raise UsageError(f"--inputs {path}: directory holds no .npz shards")
+        return list(found)
+    return [path]
+
+
+def iter_feeds(
+    src: Source | Sequence[Source], specs: Sequence[InputSpec]
+) -> Iterator[dict[str, np.ndarray]]:
+    """The feeds of :func:`load_feeds`, read one shard at a time."""
+    for one in shards(src):
+        yield from load_feeds(one, specs)
+
+
 def load_feeds(
-    src: str | os.PathLike[str] | Mapping[str, np.ndarray],
+    src: Source | Sequence[Source],
     specs: Sequence[InputSpec],
 ) -> list[dict[str, np.ndarray]]:
-    """Feeds from real data: an ``.npz`` (or ``.npy`` for one-input models) or a mapping.
+    """Feeds from real data: an ``.npz`` (or ``.npy`` for one-input models) or a mapping,
+    or several of them (a list, or a directory of ``.npz`` shards).
 
     Keys are input names; extra keys are ignored. See the module docstring for how arrays
     become runs. Files are read with ``allow_pickle=False``.
@@ -317,10 +356,12 @@ def load_feeds(
         for k, v in arrays.items():
             if v.dtype.kind == "O":
                 raise UsageError(f"--inputs: array {k!r} is an object array; pass numeric arrays")
-    else:
+    elif isinstance(src, str | os.PathLike) and not Path(src).is_dir():
         path = Path(src)
         arrays = _read_npz(path, specs)
         origin = f"--inputs {path}"
+    else:  # several sources: a list, or a directory of shards
+        return [f for one in shards(src) for f in load_feeds(one, specs)]
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:

@@ -53,7 +53,9 @@ class Options:
     seed: int = 0
     rtol: float | None = None
     atol: float | None = None
-    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Mapping[str, Any] | None = (
+        None
+    )
     input_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict)
     rollback: bool = False
     force: bool = False
@@ -68,6 +70,8 @@ class Options:
     bench_seconds: float = 10.0
     keep: tuple[str, ...] = ()
     reports: tuple[Path, ...] = ()
+    check_stats: bool = False
+    recalibrate: bool = False
 
     def __post_init__(self) -> None:
         # sequences given as lists (or one string) become tuples, so options compare and hash
@@ -79,6 +83,8 @@ class Options:
         object.__setattr__(self, "batches", tuple(self.batches))
         object.__setattr__(self, "reports", tuple(Path(p) for p in self.reports))
         object.__setattr__(self, "input_shapes", dict(self.input_shapes or {}))
+        if isinstance(self.inputs, list):  # several data files: a tuple, so options compare
+            object.__setattr__(self, "inputs", tuple(self.inputs))
 
     def check(self) -> Options:
         """Raise :class:`OptionError` for the first value that cannot be used; else self."""
@@ -99,6 +105,8 @@ class Options:
             raise OptionError("threads", f"must be an integer >= 1, got {self.threads!r}")
         if not (math.isfinite(self.bench_seconds) and self.bench_seconds > 0):
             raise OptionError("bench_seconds", f"must be > 0 seconds, got {self.bench_seconds}")
+        if self.recalibrate and self.inputs is None:
+            raise OptionError("recalibrate", "needs data: give inputs (.npz files or a directory)")
         for pattern in self.keep:
             if not isinstance(pattern, str) or not pattern:
                 raise OptionError("keep", f"patterns must be non-empty strings, got {pattern!r}")

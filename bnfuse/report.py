@@ -24,6 +24,7 @@ from rich.text import Text
 from bnfuse.backend import atomic_path
 from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.errors import UsageError
+from bnfuse.report_stats import stats_sections
 from bnfuse.result import BenchResult, FuseResult, ModelStats, Validation
 
 __all__ = ["SCHEMA", "render", "to_json", "to_markdown", "write_report"]
@@ -351,6 +352,7 @@ def _sections(result: FuseResult, verbose: bool) -> list[_Section]:
         secs.append(_validation_section(result.validation, verbose))
     elif result.folds:
         secs.append(_Section("Validation", lines=[("validation skipped", "yellow")]))
+    secs.extend(stats_sections(result, verbose, _Section, _Cell))
     if result.bench is not None:
         secs.extend(_bench_sections(result.bench, verbose))
     notes = _Section("Notes")

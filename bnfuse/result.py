@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 __all__ = [
     "BenchResult",
+    "BnStat",
     "Deferred",
     "Fold",
     "FuseResult",
@@ -17,6 +18,8 @@ __all__ = [
     "LatencyStats",
     "ModelStats",
     "OutputMetrics",
+    "OutputShift",
+    "Recalibration",
     "Refusal",
     "Validation",
 ]
@@ -40,6 +43,8 @@ class Fold:
     kind: str = "BatchNormalization"
     detail: str = ""
     scope: str = ""  # "" for the main graph, else the subgraph / function / nested model path
+    widening: float | None = None  # max|W'| / max|W| (with --check-stats / --recalibrate)
+    scale_spread: float | None = None  # max|s| / min|s| of the per-channel scales applied
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,48 @@ class BenchResult:
     seconds: float = 0.0  # the time budget of the interleaved loops, all rows together
 
 
+@dataclass(frozen=True)
+class BnStat:
+    """One BN's statistics against the data (``--check-stats``), see :mod:`bnfuse.stats`.
+
+    ``mean_shift``/``var_ratio`` are None without data (or for a BN not checked); with
+    ``--recalibrate`` they compare the data with the ORIGINAL moving statistics.
+    """
+
+    bn: str
+    flag: str  # ok, drift, default, tiny-variance, invalid, no-stats, not-checked
+    mean_shift: float | None = None
+    var_ratio: float | None = None
+    max_scale: float | None = None  # max |gamma| / sqrt(var + eps) of the original
+    channels: int = 0
+    samples: int = 0  # values per channel the data statistics came from
+    kind: str = "BatchNormalization"
+    scope: str = ""
+    recalibrated: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class OutputShift:
+    """How far one output moved from the original model's after ``--recalibrate``."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    top1_agreement: float | None = None
+
+
+@dataclass(frozen=True)
+class Recalibration:
+    """What ``--recalibrate`` did: the BNs given new moving statistics (population mean
+    and variance of the data), in how many upstream-first waves, and the output shift."""
+
+    bns: tuple[str, ...]
+    waves: int
+    runs: int  # model runs (feeds) per wave
+    outputs: tuple[OutputShift, ...] = ()
+
+
 class _Encoder:
     @staticmethod
     def encode(obj: Any) -> Any:
@@ -227,6 +274,8 @@ class FuseResult:
     bench: BenchResult | None = None
     bnfuse_version: str = ""
     warnings: tuple[str, ...] = ()
+    bn_stats: tuple[BnStat, ...] = ()  # --check-stats / --recalibrate, worst first
+    recalibration: Recalibration | None = None
 
     @property
     def ok(self) -> bool:

@@ -246,3 +246,28 @@ def test_safe_casts_happen() -> None:
 def test_wrong_inner_shape_is_refused() -> None:
     with pytest.raises(UsageError, match="dim 1"):
         load_feeds({"x": np.zeros((1, 4))}, [spec("x", np.float32, "N", 3)])
+
+
+def test_shards_directory_and_list_stream_in_order(tmp_path: Path) -> None:
+    from bnfuse.inputs import iter_feeds, shards
+
+    s = [spec("x", np.float32, None, 2)]
+    d = tmp_path / "shards"
+    d.mkdir()
+    for i in range(3):
+        np.savez(d / f"p{i}.npz", x=np.full((i + 1, 2), i, np.float32))
+    (d / "notes.txt").write_text("ignored")
+    assert [p.name for p in shards(d)] == ["p0.npz", "p1.npz", "p2.npz"]  # type: ignore[union-attr]
+    whole = load_feeds(d, s)
+    assert [f["x"].shape[0] for f in whole] == [1, 2, 3]
+    assert [int(f["x"][0, 0]) for f in iter_feeds([d / "p2.npz", d], s)] == [2, 0, 1, 2]
+    lazy = iter_feeds([d / "p0.npz", tmp_path / "missing.npz"], s)
+    assert int(next(lazy)["x"][0, 0]) == 0  # one shard at a time: the bad one not read yet
+    with pytest.raises(UsageError, match="no such file"):
+        next(lazy)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match=r"no \.npz shards"):
+        load_feeds(empty, s)
+    with pytest.raises(UsageError, match="no data"):
+        load_feeds([], s)

@@ -16,12 +16,15 @@ from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.errors import UsageError
 from bnfuse.result import (
     BenchResult,
+    BnStat,
     Fold,
     FuseResult,
     LatencyRow,
     LatencyStats,
     ModelStats,
     OutputMetrics,
+    OutputShift,
+    Recalibration,
     Refusal,
     Validation,
 )
@@ -135,7 +138,17 @@ def full_result(**changes: Any) -> FuseResult:
         backend="onnx",
         source="models/resnet.onnx",
         folds=(
-            Fold("bn1", "conv1", "conv_bn", "backward", 16, detail="Conv[16,3,3,3]", scope=""),
+            Fold(
+                "bn1",
+                "conv1",
+                "conv_bn",
+                "backward",
+                16,
+                detail="Conv[16,3,3,3]",
+                scope="",
+                widening=12.5,
+                scale_spread=3.0,
+            ),
             Fold("bn3", "fc", "bn_gemm", "forward", 64, kind="BatchNormalization", scope="body"),
         ),
         refusals=(
@@ -154,6 +167,26 @@ def full_result(**changes: Any) -> FuseResult:
         bench=bench,
         bnfuse_version="0.1.0",
         warnings=("rolled back 1 fold(s): bn2",),
+        bn_stats=(
+            BnStat(
+                "bn1",
+                "drift",
+                mean_shift=2.5,
+                var_ratio=7.25,
+                max_scale=1.5,
+                channels=16,
+                samples=512,
+                recalibrated=True,
+                note="mean off by 2.5 std (limit 0.5)",
+            ),
+            BnStat("bn3", "ok", 0.125, 1.25, 2.0, 64, 512),
+        ),
+        recalibration=Recalibration(
+            bns=("bn1", "bn3"),
+            waves=2,
+            runs=4,
+            outputs=(OutputShift("logits", 0.75, 0.5, 0.875),),
+        ),
     )
     return dataclasses.replace(result, **changes)
 
@@ -284,7 +317,9 @@ def test_markdown_has_tables_with_the_same_content() -> None:
     md = report.to_markdown(full_result())
     assert md.startswith("# bnfuse 0.1.0 [onnx]")
     tables = [line for line in md.splitlines() if re.fullmatch(r"\|(-{3}:?\|)+", line)]
-    assert len(tables) == 5  # BNs, before/after, validation, latency, one-off costs
+    # BNs, before/after, validation, BN statistics, weight range, recalibration, latency,
+    # one-off costs
+    assert len(tables) == 8
     assert "| `bn1` | BatchNormalization | folded backward | `conv1` |" in md
     assert "`bn\\|weird<name>`" in md  # pipes escaped inside code spans
     assert "1.50x [1.40x, 1.60x]" in md
@@ -418,3 +453,16 @@ def test_write_report_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         report.write_report(full_result(), dest)
     assert dest.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_bn_statistics_widening_and_recalibration_sections() -> None:
+    out = rendered(full_result())
+    assert "BN statistics: 2 normalization(s), 1 flagged" in out
+    assert out.index("drift") < out.index("  ok  ")  # worst first, as given
+    assert "mean off by 2.5 std" in out
+    assert "12.5x" in out and "1 fold(s) widen the weight range more than 10x" in out
+    assert "Recalibration: 2 BN(s) re-estimated" in out and "87.5%" in out
+    md = report.to_markdown(full_result(bn_stats=(), recalibration=None))
+    assert "BN statistics" not in md and "Recalibration" not in md
+    plain = (dataclasses.replace(f, widening=None, scale_spread=None) for f in full_result().folds)
+    assert "Weight range" not in report.to_markdown(full_result(folds=tuple(plain)))
