@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bnfuse import __version__
+from bnfuse import providers as _providers
 from bnfuse.backend import Backend, FuseOptions, InputSpec, PassResult, Runner
 from bnfuse.errors import (
     FusionInvariantError,
@@ -206,6 +207,7 @@ def fuse(
     threads: int = 1,
     bench_seconds: float = 10.0,
     progress: Progress | None = None,
+    providers: Sequence[str] = (),
 ) -> FuseResult:
     """Fold every BatchNormalization of ``model`` into a neighbouring linear layer.
 
@@ -234,6 +236,8 @@ def fuse(
             ``force``).
         batches, threads, bench_seconds: benchmark settings.
         progress: callback ``(description, completed, total)``.
+        providers: onnxruntime execution providers to time besides the CPU one
+            (``"cuda"``, ``"tensorrt"``, ``"openvino"`` or full names; needs ``bench``).
 
     Returns:
         A :class:`~bnfuse.result.FuseResult`.
@@ -254,6 +258,10 @@ def fuse(
         )
     if samples < 1:
         raise UsageError("--samples must be at least 1")
+    if providers:
+        if not bench:
+            raise UsageError("--provider chooses where the benchmark runs: add --bench")
+        _providers.for_backend(backend.name, providers)  # fail before any work
 
     _report(progress, "loading model", 0, None)
     early_notes = _configure_threads(backend, threads) if bench else []
@@ -339,6 +347,7 @@ def fuse(
                 input_shapes=input_shapes,
                 progress=progress,
                 _backend=backend,
+                providers=providers,
             ),
         )
 
@@ -378,13 +387,16 @@ def benchmark(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
     _backend: Backend | None = None,
+    providers: Sequence[str] = (),
 ) -> BenchResult:
     """Time ``original`` against ``fused`` (paths or model objects of the same format).
 
     ONNX models run in onnxruntime on the CPU at ORT_DISABLE_ALL and ORT_ENABLE_ALL; Keras
     models as ``model(x, training=False)`` under ``tf.function`` and eagerly. Runs are
     interleaved (A B A B ...) after warm-up; ``seconds`` is the total budget of the timed
-    loops, split across rows (session creation and warm-up come on top).
+    loops, split across rows (session creation and warm-up come on top). ``providers``
+    adds onnxruntime execution providers to the CPU one (ONNX models only, see
+    :mod:`bnfuse.providers`).
     """
     import bnfuse.bench as _bench
 
@@ -406,9 +418,11 @@ def benchmark(
             models.append(m if _backend is not None else b.accept(m))
     if backend is None:  # unreachable: both arguments resolved a backend above
         raise UsageError("benchmark needs two models")
-    return _bench.run(
-        backend.bench_targets(models[0], threads),
-        backend.bench_targets(models[1], threads),
+    timed = _providers.for_backend(backend.name, providers)
+    kw: dict[str, Any] = {"providers": timed} if timed else {}
+    result = _bench.run(
+        backend.bench_targets(models[0], threads, **kw),
+        backend.bench_targets(models[1], threads, **kw),
         backend.runner(models[0]).inputs,
         batches=batches,
         threads=threads,
@@ -416,6 +430,7 @@ def benchmark(
         input_shapes=input_shapes or {},
         progress=progress,
     )
+    return dataclasses.replace(result, providers=timed)
 
 
 def _configure_threads(backend: Backend, threads: int) -> list[str]:

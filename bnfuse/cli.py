@@ -78,7 +78,8 @@ def fuse_command(
         list[Path] | None,
         typer.Option(
             "--report",
-            help="Also write the report to FILE.md (Markdown) or FILE.json.",
+            help="Also write the report to FILE.md (Markdown), FILE.json or FILE.html "
+            "(one self-contained page with charts).",
             show_default=False,
         ),
     ] = None,
@@ -152,6 +153,15 @@ def fuse_command(
     bench_seconds: Annotated[
         float, typer.Option("--bench-seconds", help="Time budget of the benchmark.")
     ] = 10.0,
+    provider: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--provider",
+            help="With --bench: also time onnxruntime on this execution provider "
+            "(cuda, tensorrt, openvino, ...; repeatable). CPU is always timed.",
+            show_default=False,
+        ),
+    ] = None,
     treat_initializer_inputs_as_constants: Annotated[
         bool,
         typer.Option(
@@ -220,6 +230,7 @@ def fuse_command(
             list_rules,
             verbose,
             quiet,
+            provider or [],
         )
     except BnfuseError as exc:
         err.print(f"bnfuse: error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
@@ -272,6 +283,7 @@ def _run(
     list_rules: bool,
     verbose: bool,
     quiet: bool,
+    providers: list[str] | None = None,
 ) -> int:
     from bnfuse import api
     from bnfuse import report as _report
@@ -282,8 +294,7 @@ def _run(
             out.print(name, markup=False, highlight=False)
         return 0
     for r in reports:
-        if r.suffix.lower() not in (".md", ".json"):
-            raise UsageError(f"--report {r}: use a .md or .json file name")
+        _report.check_report_path(r)
     shapes: dict[str, tuple[int, ...]] = {}
     if input_shape:
         from bnfuse.inputs import parse_input_shape
@@ -321,6 +332,7 @@ def _run(
                 threads=threads,
                 bench_seconds=bench_seconds,
                 progress=progress_cb,
+                providers=providers or (),
             )
         except ValidationError as exc:
             failure = exc
