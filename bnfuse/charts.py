@@ -73,9 +73,16 @@ def _figure(width_in: float, height_in: float) -> Figure:
 
 
 def _cut(values: Sequence[np.ndarray]) -> float:
-    """Upper x limit of a timing panel: the largest p99 (a long tail of a few slow runs
-    would squash the rest of the distribution into one column)."""
-    return max(float(np.percentile(v, 99)) for v in values if v.size)
+    """Upper x limit of a timing panel: per side, the p99 or the third quartile plus
+    three interquartile ranges, whichever is smaller; the larger of the two sides. A
+    few runs delayed by the OS would otherwise squash the distribution into one
+    column; the chart says how many runs lie beyond the axis."""
+    cuts = []
+    for v in values:
+        if v.size:
+            q1, q3, p99 = np.percentile(v, [25, 75, 99])
+            cuts.append(float(min(p99, q3 + 3 * (q3 - q1))))
+    return max(cuts)
 
 
 def latency_chart(rows: Sequence[LatencyRow], salt: str) -> str | None:
@@ -113,7 +120,7 @@ def latency_chart(rows: Sequence[LatencyRow], salt: str) -> str | None:
         ax.set_yticks([1, 0], ["original", "fused"])
         ax.set_xlim(lo - 0.05 * span, hi + 0.05 * span)
         slow = sum(int(np.sum(v > hi)) for v in data)
-        cut = f"; {slow} run(s) slower than p99 not drawn" if slow else ""
+        cut = f"; {slow} slower run(s) beyond the axis" if slow else ""
         ax.set_title(
             f"{row.runtime}, batch {row.batch}: {row.original.runs}+{row.fused.runs} runs{cut}",
             fontsize=9,
@@ -174,8 +181,8 @@ def _floor(values: Sequence[float]) -> float:
 
 def validation_chart(outputs: Sequence[OutputMetrics], salt: str) -> str | None:
     """Per output, on a log scale: the largest absolute error, the smallest atol that
-    would pass and the atol used (red bars: the output failed). Errors of exactly 0 are
-    drawn at the floor of the axis and labelled ``0``."""
+    would pass and the atol used (a failed output's name is red and says FAIL). Errors
+    of exactly 0 are drawn at the floor of the axis and labelled ``0``."""
     if not outputs:
         return None
     fig = _figure(7.5, 0.8 + 0.55 * len(outputs))
@@ -186,9 +193,8 @@ def validation_chart(outputs: Sequence[OutputMetrics], salt: str) -> str | None:
     h = 0.27
     labels = []
     for i, o in enumerate(outputs[::-1]):
-        err_color = PASS if o.passed else FAIL
         bars = (
-            (o.max_abs_error, "max abs error", err_color, h),
+            (o.max_abs_error, "max abs error", FUSED, h),
             (o.min_atol, "smallest passing atol", "#9467bd", 0.0),
             (o.atol, "atol used", ORIGINAL, -h),
         )
@@ -203,10 +209,13 @@ def validation_chart(outputs: Sequence[OutputMetrics], salt: str) -> str | None:
             ax.annotate(
                 text, (shown, i + dy), xytext=(3, -3), textcoords="offset points", fontsize=7
             )
-        labels.append(o.name if len(o.name) <= 28 else o.name[:25] + "…")
+        short = o.name if len(o.name) <= 28 else o.name[:25] + "…"
+        labels.append(short if o.passed else f"{short} (FAIL)")
     ax.set_xscale("log")
     ax.set_xlim(floor / 2, top * 60)
     ax.set_yticks(range(len(outputs)), labels, fontsize=8)
+    for tick, o in zip(ax.get_yticklabels(), outputs[::-1], strict=True):
+        tick.set_color(PASS if o.passed else FAIL)
     ax.set_xlabel("absolute error (log scale)", fontsize=9)
     ax.legend(fontsize=7, ncol=3, loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False)
     ax.tick_params(labelsize=8)

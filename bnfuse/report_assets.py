@@ -42,7 +42,10 @@ table.compact { width: auto; min-width: 40%; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line);
   vertical-align: top; }
 th.num, td.num { text-align: right; }
-thead th { position: sticky; top: 0; background: #eef1f5; z-index: 1; white-space: nowrap; }
+thead th { position: sticky; top: 0; background: #eef1f5; z-index: 1; }
+table.sortable thead th { white-space: nowrap; }
+table.wide { font-size: 12px; }
+table.wide td { white-space: nowrap; }
 table.kv th { background: none; font-weight: 500; color: var(--muted); position: static; }
 table.sortable thead th { cursor: pointer; user-select: none; }
 table.sortable thead th::after { content: " \\2195"; color: #a0a7b3; font-size: 11px; }

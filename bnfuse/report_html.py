@@ -320,7 +320,7 @@ def _latency_section(result: FuseResult, salt: str) -> str:
     if b is None:
         return _no_bench(result)
     charts = _charts()
-    secs = _r._bench_sections(b, verbose=True)
+    secs = _r._bench_sections(b, verbose=False)  # the charts show the spread
     main, rest = secs[0], secs[1:]
     # the machine gets its own table and the runtime note its own box, below
     lines = [
@@ -350,7 +350,7 @@ def _latency_section(result: FuseResult, salt: str) -> str:
             "bootstrap 95% confidence interval (green: faster, red: slower, grey: "
             "no clear change)</figcaption></figure>"
         )
-    parts.append(_section_table(main) + _lines(lines))
+    parts.append(_section_table(main, "wide") + _lines(lines))
     if ORT_FOLDS_NOTE in b.notes:
         parts.append(f'<p class="note"><b>runtime note:</b> {_E(ORT_FOLDS_NOTE)}</p>')
     for sec in rest:
