@@ -229,3 +229,40 @@ def test_the_console_check_sees_script_errors(browser: Any, tmp_path: Path) -> N
     )
     found = errors(open_report(browser, page, tmp_path / "broken.png", 0))
     assert found and "boom" in " ".join(found)
+
+
+def test_a_densenet_sized_table_stays_usable(browser: Any, tmp_path: Path) -> None:
+    """121 BNs (DenseNet121): the table scrolls inside its box under a sticky header,
+    and the filter finds one block's BNs by name."""
+    from selenium.webdriver.common.by import By
+
+    from bnfuse.result import Fold, Refusal
+
+    names = [f"conv{s}_block{b}_{k}_bn" for s in (2, 3, 4, 5) for b in range(1, 16) for k in (1, 2)]
+    names = ["conv1/bn", *names][:121]
+    folds = tuple(Fold(n, n.replace("_bn", "_conv"), "conv-bn", "backward", 64) for n in names[:-1])
+    refusal = (Refusal(names[-1], "the Conv output has 2 consumers", rule="conv-bn"),)
+    result = full_result(folds=folds, refusals=refusal, validation=None, bench=None)
+    page = tmp_path / "densenet.html"
+    report.write_report(result, page)
+    assert errors(open_report(browser, page, tmp_path / "densenet.png")) == []
+    check_page(browser, result, min_charts=0)
+    browser.set_window_size(1280, 800)
+    box = browser.find_element(By.CSS_SELECTOR, "#normalizations .scroll")
+    table = browser.find_element(By.ID, "bn-table")
+    inner = browser.execute_script("return window.innerHeight")
+    assert box.size["height"] <= 0.71 * inner < table.size["height"]  # it scrolls in its box
+    header_gap = browser.execute_script(
+        "const box = arguments[0]; box.scrollTop = 1500;"
+        "return box.querySelector('thead th').getBoundingClientRect().top"
+        " - box.getBoundingClientRect().top;",
+        box,
+    )
+    assert abs(header_gap) <= 2  # the header stays on top while the rows scroll
+    rows = browser.find_elements(By.CSS_SELECTOR, "#bn-table tbody tr")
+    assert len(rows) == 121
+    browser.find_element(By.CSS_SELECTOR, ".filters .filter-text").send_keys("conv3_block12_")
+    shown = [
+        r.find_element(By.CSS_SELECTOR, "td:nth-child(2)").text for r in rows if r.is_displayed()
+    ]
+    assert sorted(shown) == ["conv3_block12_1_bn", "conv3_block12_2_bn"]
