@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def require_extra() -> None:
         raise MissingDependencyError("matplotlib", "html")
 
 
-def _charts():  # type: ignore[no-untyped-def]
+def _charts() -> types.ModuleType:
+    """:mod:`bnfuse.charts`, imported on first use (it imports matplotlib)."""
     require_extra()
     from bnfuse import charts
 
