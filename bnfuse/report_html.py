@@ -27,6 +27,7 @@ from bnfuse import report as _r
 from bnfuse.backend import atomic_path
 from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.errors import MissingDependencyError, UsageError
+from bnfuse.model_info import describe
 from bnfuse.report_assets import CSS, SCRIPT
 from bnfuse.result import BenchResult, FuseResult, Validation
 
@@ -165,7 +166,14 @@ def _summary(result: FuseResult) -> str:
         _card(
             "model",
             f"<code>{_E(result.source)}</code>",
-            _E(f"{result.backend.upper()} · {_framework(result)}"),
+            _E(
+                " · ".join(
+                    p
+                    for p in (result.backend.upper(), describe(result.source, result.backend))
+                    if p
+                )
+            )
+            + f"<br>installed: {_E(_framework(result))}",
         ),
         _card(
             "normalizations",

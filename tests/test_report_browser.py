@@ -40,8 +40,12 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import os
+
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never download anything
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)

@@ -226,6 +226,7 @@ def test_cli_writes_an_html_report_for_an_onnx_model(tmp_path: Path) -> None:
     for bn in ("bn_1", "bn_2", "bn_3", "bn_4"):
         assert f"<code>{bn}</code>" in page
     assert "latency was not measured" in page and external_references(page) == []
+    assert "ONNX · IR " in page and "written by bnfuse" in page  # the file's own header
 
 
 def test_summary_of_several_models(tmp_path: Path) -> None:
@@ -248,3 +249,34 @@ def test_summary_of_several_models(tmp_path: Path) -> None:
         report_html.write_html_summary([], tmp_path / "empty")
     with pytest.raises(UsageError, match="does not exist"):
         report_html.write_html_summary([a], tmp_path / "no" / "site")
+
+
+@pytest.mark.parametrize("name", ["digits_cnn.onnx", "digits_cnn_bn.onnx"])
+def test_onnx_header_is_read_without_parsing_the_graph(name: str) -> None:
+    import onnx
+
+    from bnfuse.model_info import describe
+
+    m = onnx.load(str(SAMPLES / name))
+    text = describe(str(SAMPLES / name), "onnx")
+    assert text.startswith(f"IR {m.ir_version} · ")
+    for o in m.opset_import:
+        assert (f"{o.domain} {o.version}" if o.domain else f"opset {o.version}") in text
+    assert text.endswith(f"written by {m.producer_name} {m.producer_version}".strip())
+
+
+def test_keras_version_and_unreadable_files(tmp_path: Path) -> None:
+    import zipfile
+
+    from bnfuse.model_info import describe
+
+    with zipfile.ZipFile(SAMPLES / "digits_cnn.keras") as z:
+        version = json.loads(z.read("metadata.json"))["keras_version"]
+    assert describe(str(SAMPLES / "digits_cnn.keras"), "keras") == f"saved by Keras {version}"
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    for bad in ("empty.onnx", "junk.onnx", "missing.onnx"):
+        assert describe(str(tmp_path / bad), "onnx") == ""
+    assert describe(str(tmp_path / "junk.keras"), "keras") == ""
+    assert describe("KerasModel", "keras") == ""  # an in-memory model's class name
