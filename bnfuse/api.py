@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bnfuse import __version__
+from bnfuse import providers as _providers
 from bnfuse.backend import Backend, FuseOptions, InputSpec, PassResult, Runner
 from bnfuse.errors import (
     FusionInvariantError,
@@ -217,6 +218,7 @@ def fuse(
     progress: Progress | None = None,
     check_stats: bool = False,
     recalibrate: bool = False,
+    providers: Sequence[str] = (),
 ) -> FuseResult:
     """Fold every BatchNormalization of ``model`` into a neighbouring linear layer.
 
@@ -261,6 +263,8 @@ def fuse(
         recalibrate: re-estimate the moving statistics from ``inputs`` (upstream BNs
             first) before folding; validation then compares with the recalibrated model
             and ``result.recalibration`` says how far outputs moved from the original.
+        providers: onnxruntime execution providers to time besides the CPU one
+            (``"cuda"``, ``"tensorrt"``, ``"openvino"`` or full names; needs ``bench``).
 
     Returns:
         A :class:`~bnfuse.result.FuseResult`.
@@ -309,6 +313,8 @@ def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> Fus
             "skip",
             f"unknown rule(s) {', '.join(unknown)}; rules: {', '.join(backend.rule_names())}",
         )
+    if o.providers:
+        _providers.for_backend(backend.name, o.providers)  # fail before any work
 
     _report(progress, "loading model", 0, None)
     early_notes = _configure_threads(backend, o.threads) if o.bench else []
@@ -384,6 +390,7 @@ def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> Fus
                 seconds=o.bench_seconds,
                 input_shapes=o.input_shapes,
                 progress=progress,
+                providers=o.providers,
                 _backend=backend,
             ),
         )
@@ -466,6 +473,7 @@ def benchmark(
     seconds: float = 10.0,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
+    providers: Sequence[str] = (),
     _backend: Backend | None = None,
 ) -> BenchResult:
     """Time ``original`` against ``fused`` (paths or model objects of the same format).
@@ -473,7 +481,9 @@ def benchmark(
     ONNX models run in onnxruntime on the CPU at ORT_DISABLE_ALL and ORT_ENABLE_ALL; Keras
     models as ``model(x, training=False)`` under ``tf.function`` and eagerly. Runs are
     interleaved (A B A B ...) after warm-up; ``seconds`` is the total budget of the timed
-    loops, split across rows (session creation and warm-up come on top).
+    loops, split across rows (session creation and warm-up come on top). ``providers``
+    adds onnxruntime execution providers to the CPU one (ONNX models only, see
+    :mod:`bnfuse.providers`).
     """
     import bnfuse.bench as _bench
 
@@ -495,9 +505,11 @@ def benchmark(
             models.append(m if _backend is not None else b.accept(m))
     if backend is None:  # unreachable: both arguments resolved a backend above
         raise UsageError("benchmark needs two models")
-    return _bench.run(
-        backend.bench_targets(models[0], threads),
-        backend.bench_targets(models[1], threads),
+    timed = _providers.for_backend(backend.name, providers)
+    kw: dict[str, Any] = {"providers": timed} if timed else {}
+    result = _bench.run(
+        backend.bench_targets(models[0], threads, **kw),
+        backend.bench_targets(models[1], threads, **kw),
         backend.runner(models[0]).inputs,
         batches=batches,
         threads=threads,
@@ -505,6 +517,7 @@ def benchmark(
         input_shapes=input_shapes or {},
         progress=progress,
     )
+    return dataclasses.replace(result, providers=timed)
 
 
 def _configure_threads(backend: Backend, threads: int) -> list[str]:

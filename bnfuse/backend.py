@@ -128,8 +128,11 @@ class Backend(Protocol):
         """A runner for validation."""
         ...
 
-    def bench_targets(self, model: Any, threads: int) -> list[BenchTarget]:
-        """Runtime settings to time, in report order."""
+    def bench_targets(
+        self, model: Any, threads: int, *, providers: Sequence[str] = ()
+    ) -> list[BenchTarget]:
+        """Runtime settings to time, in report order (``providers``: onnxruntime
+        execution providers, ONNX only)."""
         ...
 
     def save(self, model: Any, path: Path) -> None:

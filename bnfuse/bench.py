@@ -346,6 +346,8 @@ def run(
                     speedup=float(np.median(ratios)),
                     speedup_ci=bootstrap_median_ci(ratios),
                     note=note,
+                    original_ms=tuple((times_a * 1e3).tolist()),
+                    fused_ms=tuple((times_b * 1e3).tolist()),
                 )
             )
             done += 1

@@ -67,6 +67,7 @@ FLAGS: dict[str, str] = {
     "keep": "--keep",
     "reports": "--report",
     "recalibrate": "--recalibrate",
+    "providers": "--provider",
     "check_stats": "--check-stats",
     "jobs": "--jobs",
     "models": "MODEL",
@@ -128,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         metavar="PATH",
-        help="also write the report to FILE.md or FILE.json, or into a directory (one "
+        help="also write the report to FILE.md, FILE.json or FILE.html (one self-contained "
+        "page with charts), or into a directory (one "
         "report per model plus a summary); repeatable",
     )
     add(
@@ -198,6 +200,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--unsafe-load",
         action="store_true",
         help="Keras: allow Lambda layers (runs code stored in the file)",
+    )
+    add(
+        "--provider",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --bench: also time onnxruntime on this execution provider (cuda, tensorrt, "
+        "openvino, ...; repeatable); CPU is always timed",
     )
     add(
         "--check-stats",
@@ -274,6 +284,7 @@ def options_from(args: argparse.Namespace, reports: Sequence[Path] = ()) -> Opti
         reports=tuple(reports),
         check_stats=args.check_stats,
         recalibrate=args.recalibrate,
+        providers=tuple(args.provider),
     )
 
 
@@ -364,7 +375,9 @@ def _dispatch(args: argparse.Namespace, streams: Streams) -> int:
     dirs = [r for r in args.report if report_format(r) is None and r.suffix == ""]
     bad = [r for r in args.report if r not in files and r not in dirs]
     if bad:
-        raise OptionError("reports", f"{bad[0]}: use a .md or .json file name (or a directory)")
+        raise OptionError(
+            "reports", f"{bad[0]}: use a .md, .json or .html file name (or a directory)"
+        )
     for d in dirs:  # one model, --report DIR: its reports go in there
         name = args.models[0].name
         files += [d / f"{name}.md", d / f"{name}.json"]

@@ -21,7 +21,12 @@ from bnfuse.errors import UsageError
 __all__ = ["REPORT_SUFFIXES", "OptionError", "Options", "report_format"]
 
 #: Report file suffixes and the format each writes.
-REPORT_SUFFIXES: dict[str, str] = {".md": "markdown", ".markdown": "markdown", ".json": "json"}
+REPORT_SUFFIXES: dict[str, str] = {
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".json": "json",
+    ".html": "html",
+}
 
 
 class OptionError(UsageError):
@@ -35,7 +40,8 @@ class OptionError(UsageError):
 
 
 def report_format(path: str | os.PathLike[str]) -> str | None:
-    """``"markdown"`` or ``"json"`` for a report file name, None for another suffix."""
+    """``"markdown"``, ``"json"`` or ``"html"`` for a report file name, None for another
+    suffix."""
     return REPORT_SUFFIXES.get(Path(path).suffix.lower())
 
 
@@ -72,10 +78,11 @@ class Options:
     reports: tuple[Path, ...] = ()
     check_stats: bool = False
     recalibrate: bool = False
+    providers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # sequences given as lists (or one string) become tuples, so options compare and hash
-        for name in ("skip", "keep"):
+        for name in ("skip", "keep", "providers"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
@@ -113,8 +120,14 @@ class Options:
         for report in self.reports:
             if report_format(report) is None:
                 raise OptionError(
-                    "reports", f"{report}: use a .md or .json file name (or a directory)"
+                    "reports", f"{report}: use a .md, .json or .html file name (or a directory)"
                 )
+        if any(report_format(r) == "html" for r in self.reports):
+            from bnfuse.report_html import require_extra  # MissingDependencyError (exit 4)
+
+            require_extra()
+        if self.providers and not self.bench:
+            raise OptionError("providers", "chooses where the benchmark runs: add bench")
         for name, shape in self.input_shapes.items():
             if not shape or any(isinstance(d, bool) or int(d) != d or d < 1 for d in shape):
                 raise OptionError("input_shapes", f"{name}: dims must be positive integers")

@@ -24,10 +24,12 @@ from rich.text import Text
 from bnfuse.backend import atomic_path
 from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.errors import UsageError
+from bnfuse.options import REPORT_SUFFIXES as _REPORT_FORMATS
+from bnfuse.options import report_format
 from bnfuse.report_stats import stats_sections
 from bnfuse.result import BenchResult, FuseResult, ModelStats, Validation
 
-__all__ = ["SCHEMA", "render", "to_json", "to_markdown", "write_report"]
+__all__ = ["SCHEMA", "check_report_path", "render", "to_json", "to_markdown", "write_report"]
 
 SCHEMA = "bnfuse.result/1"
 
@@ -298,6 +300,8 @@ def _bench_sections(b: BenchResult, verbose: bool) -> list[_Section]:
         headers[4:4] = ["orig p99", "orig mean ± std"]
         headers[8:8] = ["fused p99", "fused mean ± std"]
     title = f"Latency ({b.threads} thread(s)"
+    if b.providers:
+        title += ", providers " + ", ".join(b.providers)
     title += f", {b.seconds:g} s timing budget)" if b.seconds else ")"
     sec = _Section(title, tuple(headers), right=frozenset(range(1, len(headers))))
     for row in b.rows:
@@ -467,20 +471,45 @@ def to_json(result: FuseResult) -> str:
     return json.dumps(_finite(result.to_dict()), indent=2, sort_keys=True, allow_nan=False)
 
 
+REPORT_SUFFIXES = tuple(_REPORT_FORMATS)
+
+
+def check_report_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a report file name bnfuse cannot write, before any work is done.
+
+    Raises:
+        UsageError: a suffix other than :data:`REPORT_SUFFIXES`.
+        MissingDependencyError: ``.html`` without the ``html`` extra (matplotlib).
+    """
+    dest = Path(path)
+    kind = report_format(dest)
+    if kind is None:
+        raise UsageError(f"--report {dest}: use a .md, .json or .html file name")
+    if kind == "html":
+        from bnfuse.report_html import require_extra
+
+        require_extra()
+
+
 def write_report(result: FuseResult, path: str | os.PathLike[str]) -> None:
-    """Write the report to ``path``: Markdown for ``.md``, JSON for ``.json``; atomically.
+    """Write the report to ``path``: Markdown for ``.md``, JSON for ``.json``, a
+    self-contained page for ``.html`` (:mod:`bnfuse.report_html`); atomically.
 
     Raises:
         UsageError: another suffix, or the directory does not exist.
+        MissingDependencyError: ``.html`` without the ``html`` extra.
     """
     dest = Path(path)
     suffix = dest.suffix.lower()
+    check_report_path(dest)
     if suffix in (".md", ".markdown"):
         content = to_markdown(result)
     elif suffix == ".json":
         content = to_json(result) + "\n"
     else:
-        raise UsageError(f"--report {dest}: use a .md or .json file name")
+        from bnfuse.report_html import to_html
+
+        content = to_html(result)
     if not dest.parent.is_dir():
         raise UsageError(f"--report {dest}: directory {dest.parent} does not exist")
     if dest.is_dir():

@@ -138,6 +138,13 @@ class LatencyRow:
     speedup: float  # median of paired original/fused ratios (>1: fused is faster)
     speedup_ci: tuple[float, float]  # bootstrap 95% CI of that median
     note: str = ""
+    # every timed run in ms, in run order, for charts (the HTML report); not in the JSON
+    original_ms: tuple[float, ...] = field(
+        default=(), repr=False, compare=False, metadata={"serialize": False}
+    )
+    fused_ms: tuple[float, ...] = field(
+        default=(), repr=False, compare=False, metadata={"serialize": False}
+    )
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,7 @@ class BenchResult:
     machine: dict[str, Any]
     notes: tuple[str, ...] = ()
     seconds: float = 0.0  # the time budget of the interleaved loops, all rows together
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers timed (ONNX models)
 
 
 @dataclass(frozen=True)

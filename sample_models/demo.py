@@ -7,12 +7,14 @@ ONNX models run in onnxruntime with graph optimizations disabled; Keras models a
 ``model(x, training=False)``. Keras models are skipped (with a note) when bnfuse's Keras
 backend is not importable.
 
-Outputs go to ``out/`` at the repository root (git-ignored). Exits 1 if bnfuse failed on a
+Outputs (fused models, JSON and, with the ``html`` extra, HTML reports) go to ``out/``
+at the repository root (git-ignored). Exits 1 if bnfuse failed on a
 model or a fused model predicts a different class for any test image.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -44,6 +46,8 @@ def run_bnfuse(model: Path) -> tuple[int, Path, dict[str, Any] | None]:
         stale.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bnfuse", str(model), "-o", str(output), *BENCH]
     cmd += ["--inputs", str(DATA), "--report", str(report)]
+    if importlib.util.find_spec("matplotlib") is not None:  # the html extra: a page to open
+        cmd += ["--report", str(OUT / f"{model.name}.report.html")]
     print("$ " + " ".join(_short(c) for c in cmd), flush=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

@@ -76,9 +76,9 @@ def spy_sessions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     made: list[tuple[str, int]] = []
     real = onnx_backend._cpu_session
 
-    def spy(data: Any, level: str, threads: int) -> Any:
+    def spy(data: Any, level: str, threads: int, *provider: str) -> Any:
         made.append((level, threads))
-        return real(data, level, threads)
+        return real(data, level, threads, *provider)
 
     monkeypatch.setattr(onnx_backend, "_cpu_session", spy)
     return made

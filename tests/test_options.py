@@ -36,7 +36,7 @@ BAD = [
     ("rtol", -1.0, "finite number >= 0"),
     ("atol", float("nan"), "finite number >= 0"),
     ("keep", ("",), "non-empty strings"),
-    ("reports", (Path("r.txt"),), "use a .md or .json file name"),
+    ("reports", (Path("r.txt"),), "use a .md, .json or .html file name"),
     ("input_shapes", {"x": (1, 0)}, "dims must be positive integers"),
 ]
 
@@ -61,7 +61,7 @@ CLI_BAD = [
     (["--bench-seconds", "0"], "--bench-seconds: must be > 0 seconds"),
     (["--rtol", "-1"], "--rtol: must be a finite number >= 0"),
     (["--keep", ""], "--keep: patterns must be non-empty strings"),
-    (["--report", "r.txt"], "--report: r.txt: use a .md or .json file name"),
+    (["--report", "r.txt"], "--report: r.txt: use a .md, .json or .html file name"),
     (["--skip", "no-such-rule"], "--skip: unknown rule(s) no-such-rule"),
 ]
 

@@ -429,9 +429,9 @@ def test_write_report_markdown_and_json(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]  # no temp files left
 
 
-@pytest.mark.parametrize("name", ["r.txt", "r", "r.html"])
+@pytest.mark.parametrize("name", ["r.txt", "r", "r.htm"])
 def test_write_report_refuses_other_suffixes(tmp_path: Path, name: str) -> None:
-    with pytest.raises(UsageError, match=r"\.md or \.json"):
+    with pytest.raises(UsageError, match=r"\.md, \.json or \.html"):
         report.write_report(full_result(), tmp_path / name)
     assert list(tmp_path.iterdir()) == []
 

@@ -6,6 +6,7 @@ only for Keras models.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,11 @@ class KerasBackend:
         """Runs ``model(x, training=False)``."""
         return _runtime.KerasRunner(model)
 
-    def bench_targets(self, model: Any, threads: int) -> list[BenchTarget]:
-        """``keras tf.function`` and ``keras eager``."""
+    def bench_targets(
+        self, model: Any, threads: int, *, providers: Sequence[str] = ()
+    ) -> list[BenchTarget]:
+        """``keras tf.function`` and ``keras eager`` (``providers`` are onnxruntime's:
+        the API refuses them for Keras models)."""
         return _runtime.bench_targets(model, threads)
 
     def save(self, model: Any, path: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from bnfuse import __version__
+from bnfuse import providers as _providers
 from bnfuse.backend import BenchTarget, FuseOptions, InputSpec, PassResult, atomic_path
 from bnfuse.errors import ModelLoadError, UnsupportedModelError, UsageError, first_line
 from bnfuse.onnx import external, serialize, wire
@@ -408,17 +409,25 @@ class OnnxBackend:
     def runner(self, model: onnx.ModelProto | OnnxModel) -> OrtRunner:
         return OrtRunner(model)
 
-    def bench_targets(self, model: onnx.ModelProto | OnnxModel, threads: int) -> list[BenchTarget]:
+    def bench_targets(
+        self,
+        model: onnx.ModelProto | OnnxModel,
+        threads: int,
+        *,
+        providers: Sequence[str] = (_providers.CPU,),
+    ) -> list[BenchTarget]:
+        """Both optimization levels on every provider (the CPU provider first)."""
         data, tmp = _session_source(_wrap(model))
         targets = []
-        for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
-            targets.append(
-                BenchTarget(
-                    runtime=f"onnxruntime {level}",
-                    prepare=_session_factory(data, level, threads, tmp),
-                    note="",
+        for provider in providers:
+            for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+                targets.append(
+                    BenchTarget(
+                        runtime=_providers.label(provider, level),
+                        prepare=_session_factory(data, level, threads, tmp, provider),
+                        note="",
+                    )
                 )
-            )
         return targets
 
     def save(self, model: onnx.ModelProto | OnnxModel, path: Path) -> None:
@@ -448,26 +457,36 @@ class OnnxBackend:
             self._data_files.pop(path.resolve(), None)
 
 
-def _cpu_session(data: str | bytes, level: str, threads: int) -> Any:
-    """An onnxruntime CPU session at optimization ``level`` with ``threads`` intra-op threads."""
+def _cpu_session(
+    data: str | bytes, level: str, threads: int, provider: str = _providers.CPU
+) -> Any:
+    """An onnxruntime session at optimization ``level`` with ``threads`` intra-op threads,
+    on the CPU provider unless another ``provider`` is named (benchmark only)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(data, so, providers=_providers.session_providers(provider))
+    if provider != _providers.CPU:
+        _providers.check_session(sess, provider)
+    return sess
 
 
 def _session_factory(
-    data: str | bytes, level: str, threads: int, keep: _ModelFile | None = None
+    data: str | bytes,
+    level: str,
+    threads: int,
+    keep: _ModelFile | None = None,
+    provider: str = _providers.CPU,
 ) -> Callable[[], Callable[[Mapping[str, np.ndarray]], Any]]:
     """``data``: serialized model or a path; ``keep`` holds a temporary model file alive."""
 
     def prepare() -> Callable[[Mapping[str, np.ndarray]], Any]:
         _alive = keep  # the temporary model file must outlive every session made here
         del _alive
-        sess = _cpu_session(data, level, threads)
+        sess = _cpu_session(data, level, threads, provider)
 
         def run(feeds: Mapping[str, np.ndarray]) -> Any:
             return sess.run(None, dict(feeds))
