@@ -139,7 +139,8 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
     else:  # Div(x, c)
         if np.any(vec == 0):
             return "Div by a constant that contains 0"
-        aff = Affine(1.0 / vec, zeros)
+        with np.errstate(over="ignore"):  # a reciprocal too large is refused just below
+            aff = Affine(1.0 / vec, zeros)
     if not (np.all(np.isfinite(aff.scale)) and np.all(np.isfinite(aff.shift))):
         return f"{op} constant gives a non-finite affine"
     return Step(node, x, c, aff, axis, rank)

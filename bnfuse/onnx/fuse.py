@@ -309,6 +309,7 @@ def fuse_graph(
         function=function,
         payloads=payloads,
     )
+    undefined = _undefined_names(g)  # a damaged input's dangling reads are not ours to lose
     _fuse_subgraphs(g, names, options, opset, tree, result, scope)
     finders = [
         f for f in NORM_FINDERS if not (f is affine_norm and AFFINE_FINDER in options.skip_rules)
@@ -362,7 +363,7 @@ def fuse_graph(
     result.refusals.extend(refused.values())
     if dead:
         g.remove_unused_initializers(dead, reindex=False)  # the edits kept the index exact
-    _check_invariants(g, result, scope)
+    _check_invariants(g, result, scope, undefined)
 
 
 #: Tests set this to compare the incrementally kept graph index with a fresh one after
@@ -472,13 +473,23 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
     return Fold(norm.name, into, rule_name, "forward", norm.channels, norm.kind, detail, scope)
 
 
-def _check_invariants(g: Graph, result: PassResult, scope: str) -> None:
+def _undefined_names(g: Graph) -> set[str]:
+    """Tensors the main graph reads (or outputs) that nothing defines: a damaged model's,
+    there before the pass, so :func:`_check_invariants` does not take them for ours."""
+    if g.outer is not None:
+        return set()
+    read = {name for node in g.g.node for name in node.input if name} | set(g.output_names)
+    return {n for n in read if n not in g.producer and n not in g.inits and n not in g.input_names}
+
+
+def _check_invariants(g: Graph, result: PassResult, scope: str, undefined: set[str]) -> None:
     g.reindex()
     for node in g.g.node:
         for name in node.input:
             known = name in g.producer or name in g.inits or name in g.input_names
-            if name and not known and g.outer is None:
+            if name and not known and g.outer is None and name not in undefined:
                 raise FusionInvariantError(f"tensor {name!r} lost its producer", scope=scope)
     for o in g.output_names:
-        if o not in g.producer and o not in g.inits and o not in g.input_names and g.outer is None:
+        known = o in g.producer or o in g.inits or o in g.input_names
+        if not known and g.outer is None and o not in undefined:
             raise FusionInvariantError(f"graph output {o!r} lost its producer", scope=scope)
