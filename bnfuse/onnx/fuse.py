@@ -26,6 +26,7 @@ from bnfuse.onnx.rules import (
     Norm,
     bn_norm,
 )
+from bnfuse.reasons import EXCLUDED, refusal
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model", "shape_map"]
@@ -339,12 +340,12 @@ def fuse_graph(
             label = node_label(node)
             kind = node.op_type
             if label in options.exclude:
-                refused[label] = Refusal(
-                    label, "excluded (rolled back)", getattr(norm, "kind", kind), "", scope
+                refused[label] = refusal(
+                    label, EXCLUDED, kind=getattr(norm, "kind", kind), scope=scope, code="excluded"
                 )
                 continue
             if isinstance(norm, str):
-                refused[label] = Refusal(label, norm, kind, "", scope)
+                refused[label] = refusal(label, norm, kind=kind, scope=scope)
                 continue
             fold, reason, rule = _try_fold(norm, g, backward, forward, scope)
             if fold is not None:
@@ -357,7 +358,7 @@ def fuse_graph(
                         raise FusionInvariantError(mismatch, fold=fold.bn, scope=scope)
                 progressed = True
                 continue
-            refused[label] = Refusal(label, reason, norm.kind, rule, scope)
+            refused[label] = refusal(label, reason, kind=norm.kind, rule=rule, scope=scope)
         if not progressed:
             break
     result.refusals.extend(refused.values())
