@@ -320,16 +320,16 @@ def test_rank3_per_channel_mul_add_then_matmul_folds() -> None:
 
 def _inference_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every shape inference the pass runs (it is deferred until a rule needs it)."""
-    import bnfuse.onnx.fuse as fuse_mod
+    import bnfuse.onnx.shapes as shapes_mod
 
     calls: list[str] = []
-    real = fuse_mod.shape_tree
+    real = shapes_mod.shape_tree
 
     def spy(model: onnx.ModelProto) -> object:
         calls.append(model.graph.name)
         return real(model)
 
-    monkeypatch.setattr(fuse_mod, "shape_tree", spy)
+    monkeypatch.setattr(shapes_mod, "shape_tree", spy)
     return calls
 
 
@@ -393,6 +393,7 @@ def test_lazy_inference_after_earlier_folds_gives_the_eager_result(
     inference runs on the partly fused model: the output is the one inference on the
     untouched model gives."""
     import bnfuse.onnx.fuse as fuse_mod
+    import bnfuse.onnx.shapes as shapes_mod
 
     calls = _inference_calls(monkeypatch)
     b = GraphBuilder(seed=8)
@@ -406,7 +407,7 @@ def test_lazy_inference_after_earlier_folds_gives_the_eager_result(
     assert sorted(f.bn for f in lazy.folds) == ["first", "second"], lazy.refusals
     assert len(calls) == 1
     assert_close(model, lazy.model)
-    monkeypatch.setattr(fuse_mod, "lazy_shape_tree", fuse_mod.shape_tree)
+    monkeypatch.setattr(fuse_mod, "lazy_shape_tree", shapes_mod.shape_tree)
     eager = fuse(model)
     assert lazy.model.SerializeToString() == eager.model.SerializeToString()
 
