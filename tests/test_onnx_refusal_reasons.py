@@ -497,3 +497,30 @@ def test_bn_param_undefined_in_a_damaged_model(tmp_path: Path) -> None:
     assert [(r.bn, r.reason) for r in res.refusals] == [
         ("bn", "BN parameter 'ghost' is not defined")
     ]
+
+
+@pytest.mark.parametrize(
+    ("op", "const_first"), [("Sub", False), ("Sub", True), ("Div", False), ("Add", True)]
+)
+def test_elementwise_sub_and_div_fold_through_flatten(op: str, const_first: bool) -> None:
+    """An element-wise (per-pixel) Sub or Div before Flatten -> Gemm folds exactly, in
+    both operand orders of Sub (c - x negates the scale)."""
+    b = GraphBuilder(seed=150)
+    x = b.input("x", ["N", 4, 5])
+    c = b.const(b.r.uniform(0.5, 2, (1, 4, 5)).astype(np.float32))
+    y = b.node(op, [c, x] if const_first else [x, c], name="bn")
+    b.output(b.node("Gemm", [b.node("Flatten", [y]), b.weight([20, 3])]))
+    m = b.model()
+    res = fuse(m)
+    assert [(f.bn, f.direction, f.kind) for f in res.folds] == [("bn", "forward", op)]
+    assert_close(m, res.model)
+
+
+def test_elementwise_div_by_zero_refused() -> None:
+    b = GraphBuilder(seed=151)
+    x = b.input("x", ["N", 4, 5])
+    c = np.ones((1, 4, 5), np.float32)
+    c[0, 2, 3] = 0.0
+    y = b.node("Div", [x, b.const(c)], name="bn")
+    b.output(b.node("Gemm", [b.node("Flatten", [y]), b.weight([20, 3])]))
+    assert refusal(b.model()) == "Div by a constant that contains 0"
