@@ -28,6 +28,7 @@ __all__ = [
     "WORDINGS",
     "Reason",
     "code_for",
+    "overflow",
     "refusal",
     "tagged",
 ]
@@ -76,6 +77,14 @@ class Reason(str):
         obj = super().__new__(cls, text)
         obj.code = code
         return obj
+
+
+def overflow(layer: str, exc: OverflowError) -> Reason:
+    """The refusal of a fold into ``layer`` whose values overflow the weights' dtype
+    (``exc`` from :func:`bnfuse.fold.round_to`, which names the dtype)."""
+    dtype = getattr(exc, "dtype", None)
+    what = f"overflow {dtype}" if isinstance(dtype, str) else str(exc)
+    return Reason("overflow", f"folded values of {layer!r} {what} (fold refused)")
 
 
 def tagged(code: str, text: str) -> Reason:

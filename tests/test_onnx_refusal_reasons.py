@@ -524,3 +524,24 @@ def test_elementwise_div_by_zero_refused() -> None:
     y = b.node("Div", [x, b.const(c)], name="bn")
     b.output(b.node("Gemm", [b.node("Flatten", [y]), b.weight([20, 3])]))
     assert refusal(b.model()) == "Div by a constant that contains 0"
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_fold_that_overflows_float16_names_the_layer(direction: str) -> None:
+    b = GraphBuilder(seed=152, dtype=TensorProto.FLOAT16)
+    x = b.input("x", ["N", 2, 3, 3])
+    w = b.const(np.full((2, 2, 1, 1), 30000, np.float16))
+    params = [np.full(2, 4, np.float16), np.zeros(2, np.float16)]
+    params += [np.zeros(2, np.float16), np.ones(2, np.float16)]
+    names = [b.const(p) for p in params]
+    if direction == "backward":
+        c = b.node("Conv", [x, w], name="conv")
+        b.output(b.node("BatchNormalization", [c, *names], name="bn"))
+    else:
+        y = b.node("BatchNormalization", [b.node("Relu", [x]), *names], name="bn")
+        b.output(b.node("Conv", [y, w], name="conv"))
+    res = fuse(b.model())
+    assert not res.folds
+    assert [(r.bn, r.reason, r.code) for r in res.refusals] == [
+        ("bn", "folded values of 'conv' overflow float16 (fold refused)", "overflow")
+    ]

@@ -29,7 +29,7 @@ from bnfuse.errors import FusionInvariantError, UnsupportedModelError
 from bnfuse.fold import Affine, bn_affine, check_bn, round_to
 from bnfuse.keras import rules as R
 from bnfuse.keras.graph import INPUT, Node, Scope
-from bnfuse.reasons import EXCLUDED, refusal
+from bnfuse.reasons import EXCLUDED, overflow, refusal
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
@@ -132,8 +132,8 @@ class _Store:
             dt = dtypes.get(var, kdt)
             try:
                 round_to(value, dt)
-            except OverflowError:
-                return f"folded weights of '{name}' overflow {dt.name}"
+            except OverflowError as exc:
+                return overflow(name, exc)
         return None
 
     def put(self, scope: Scope, name: str, new: dict[str, F64]) -> None:

@@ -25,7 +25,7 @@ from bnfuse.onnx.rules import (
     bn_norm,
 )
 from bnfuse.onnx.shapes import ShapeDict, ShapeTree, lazy_shape_tree, shape_map
-from bnfuse.reasons import EXCLUDED, refusal
+from bnfuse.reasons import EXCLUDED, overflow, refusal
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model", "shape_map"]
@@ -289,7 +289,7 @@ def _try_fold(
             try:
                 into = rule.rewrite(m, g)
             except OverflowError as exc:
-                return None, f"{exc} (fold refused)", rule.name
+                return None, overflow(node_label(m.producer), exc), rule.name
             return (
                 Fold(norm.name, into, rule.name, "backward", norm.channels, norm.kind, "", scope),
                 "",
@@ -341,14 +341,15 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
         targets.append((rule_used, found))
     if norm.output in g.output_names:
         return (targets[0][0].name, f"{norm.kind} output is a graph output")  # type: ignore[attr-defined]
+    current = targets[0][1]  # the target being rewritten, named by an overflow
     try:
         if len(targets) > 1:  # an overflow in a later target must not leave earlier ones
-            for rule, t in targets:  # rewritten: check them all first
-                rule.rewrite(norm, t, g, dry=True)  # type: ignore[attr-defined]
-        for rule, t in targets:
-            rule.rewrite(norm, t, g)  # type: ignore[attr-defined]
+            for rule, current in targets:  # rewritten: check them all first
+                rule.rewrite(norm, current, g, dry=True)  # type: ignore[attr-defined]
+        for rule, current in targets:
+            rule.rewrite(norm, current, g)  # type: ignore[attr-defined]
     except OverflowError as exc:
-        return (targets[0][0].name, f"{exc} (fold refused)")  # type: ignore[attr-defined]
+        return (targets[0][0].name, overflow(node_label(current.node), exc))  # type: ignore[attr-defined]
     for _, t in targets:
         head = t.via if t.via is not None else t.node
         for i, name in enumerate(head.input):

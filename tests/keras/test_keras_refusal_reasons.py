@@ -98,3 +98,21 @@ def test_lora_layer_refused(direction: str) -> None:
     assert [(r.bn, r.reason) for r in res.refusals] == [("bn", "layer 'lin' has LoRA enabled")]
     xs = sample_inputs(model)
     assert_same_outputs(model, res.model, xs)
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_fold_that_overflows_float16_refused(direction: str) -> None:
+    """A float16 kernel near the dtype's limit, scaled by 4: the fold is refused, in the
+    same words as the ONNX backend's."""
+    inp = keras.Input((4,), name="x", dtype="float16")
+    lin = L.Dense(4, name="lin", dtype="float16")
+    bn = L.BatchNormalization(name="bn", dtype="float16")
+    y = bn(lin(inp)) if direction == "backward" else lin(bn(L.ReLU(name="relu")(inp)))
+    model = keras.Model(inp, y)
+    lin.kernel.assign(np.full((4, 4), 30000.0, "float16"))
+    bn.gamma.assign(np.full(4, 4.0, "float16"))
+    res = fuse(model)
+    assert not res.folds
+    assert [(r.bn, r.reason, r.code) for r in res.refusals] == [
+        ("bn", "folded values of 'lin' overflow float16 (fold refused)", "overflow")
+    ]
