@@ -116,3 +116,28 @@ def test_fold_that_overflows_float16_refused(direction: str) -> None:
     assert [(r.bn, r.reason, r.code) for r in res.refusals] == [
         ("bn", "folded values of 'lin' overflow float16 (fold refused)", "overflow")
     ]
+
+
+def test_forward_into_a_layer_shared_by_several_call_sites() -> None:
+    inp = keras.Input((4,), name="x")
+    lin = L.Dense(3, name="lin")
+    a = lin(L.BatchNormalization(name="bn")(L.ReLU(name="relu")(inp)))
+    b = lin(L.ReLU(name="relu2")(inp))
+    model = randomize(keras.Model(inp, [a, b]), seed=13)
+    check_fused(model, refusals={"bn": "layer 'lin' is shared by several call sites"})
+
+
+@pytest.mark.parametrize("direction", ["backward", "forward"])
+def test_quantized_layer_refused(direction: str) -> None:
+    inp = keras.Input((4,), name="x")
+    lin = L.Dense(4, name="lin")
+    if direction == "backward":
+        y = L.BatchNormalization(name="bn")(lin(inp))
+    else:
+        y = lin(L.BatchNormalization(name="bn")(L.ReLU(name="relu")(inp)))
+    model = randomize(keras.Model(inp, y), seed=14)
+    lin.quantize("int8")
+    res = fuse(model)
+    assert not res.folds
+    assert [(r.bn, r.reason) for r in res.refusals] == [("bn", "layer 'lin' is quantized (int8)")]
+    assert_same_outputs(model, res.model, sample_inputs(model))
