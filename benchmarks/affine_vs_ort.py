@@ -45,7 +45,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 import bnfuse  # noqa: E402
-from bnfuse.onnx.affine import count_affine_nodes  # noqa: E402
+from bnfuse.onnx.count import count_affine_nodes  # noqa: E402
 
 SIZE = 96
 

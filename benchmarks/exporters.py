@@ -10,7 +10,7 @@ Three models built in code (``benchmarks/models.py``, no downloads):
 - ``nhwc_convnet``: a Transpose to NHWC between each Conv and its per-channel Mul -> Add.
 
 For each tool: BN-equivalents left (BatchNormalization nodes and Mul/Add BNs in disguise,
-counted by :func:`bnfuse.onnx.affine.count_affine_nodes`), the output's max abs error
+counted by :func:`bnfuse.onnx.count.count_affine_nodes`), the output's max abs error
 against the original (onnxruntime, graph optimizations disabled, same random input), and
 the median fold time of 3 runs (file -> file). The peer to match is onnxscript's optimizer
 (``onnxscript.optimizer.optimize``, which folds constants and runs its default rewrite
@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 import models as bench_models  # noqa: E402
 from _peers import TOOLS, quiet  # noqa: E402
 
-from bnfuse.onnx.affine import count_affine_nodes  # noqa: E402
+from bnfuse.onnx.count import count_affine_nodes  # noqa: E402
 
 RESULTS_MD = HERE / "RESULTS-exporters.md"
 SUMMARY_MD = HERE / "RESULTS.md"

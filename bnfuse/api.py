@@ -295,7 +295,7 @@ _OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 
 def _write_reports(result: FuseResult, reports: Sequence[Path]) -> None:
     if reports:
-        from bnfuse.report import write_report
+        from bnfuse.report_files import write_report
 
         for path in reports:
             write_report(result, path)

@@ -24,7 +24,7 @@ import numpy as np
 
 from bnfuse.errors import UsageError
 from bnfuse.result import BnStat, Fold, OutputShift, Recalibration, Refusal
-from bnfuse.stats import FLAG_ORDER, WIDENING_LIMIT, compare, max_scale, weight_flag, widening
+from bnfuse.stats import FLAG_ORDER, WIDENING_LIMIT, Site, compare, max_scale, weight_flag, widening
 
 __all__ = ["Outcome", "Site", "assemble", "checked_feeds", "run", "with_widening"]
 
@@ -32,24 +32,6 @@ Feeds = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
 DISGUISE_NOTE = "BN in disguise (constant Mul/Add affine): no separate statistics"
 UNREACHED_NOTE = "inside a subgraph, function or nested model: not run"
-
-
-@dataclass
-class Site:
-    """One BN a collector can run to. ``keep``: the axes of its input that are channels
-    (reduced over all others); ``reason``: why it cannot be checked ("" when it can)."""
-
-    name: str
-    keep: tuple[int, ...]
-    channels: int
-    eps: float
-    mean: np.ndarray | None
-    var: np.ndarray | None
-    gamma: np.ndarray | None
-    beta: np.ndarray | None
-    depth: int
-    reason: str = ""
-    scope: str = ""
 
 
 @dataclass

@@ -16,12 +16,16 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from bnfuse import __version__
-from bnfuse.errors import BnfuseError, UsageError, ValidationError
+from bnfuse.cli_common import FLAGS, nothing, options_from
+from bnfuse.cli_common import console_for as _console
+from bnfuse.cli_common import is_terminal as _is_terminal
+from bnfuse.cli_common import progress_bar as _progress
+from bnfuse.errors import BnfuseError, ValidationError
 from bnfuse.options import OptionError, Options, report_format
 
 if TYPE_CHECKING:
@@ -51,28 +55,6 @@ examples:
   bnfuse model.onnx --dry-run --json
   bnfuse models/ extra.onnx -o fused/ -j 2 --report reports/
 """
-
-#: :class:`Options` field (as :class:`OptionError` names it) -> the flag that sets it.
-FLAGS: dict[str, str] = {
-    "samples": "--samples",
-    "seed": "--seed",
-    "rtol": "--rtol",
-    "atol": "--atol",
-    "inputs": "--inputs",
-    "input_shapes": "--input-shape",
-    "skip": "--skip",
-    "batches": "--batch",
-    "threads": "--threads",
-    "bench_seconds": "--bench-seconds",
-    "keep": "--keep",
-    "reports": "--report",
-    "recalibrate": "--recalibrate",
-    "providers": "--provider",
-    "check_stats": "--check-stats",
-    "jobs": "--jobs",
-    "models": "MODEL",
-    "output_dir": "--output",
-}
 
 
 class _Usage(Exception):
@@ -243,58 +225,6 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     add("--version", action="version", version=f"bnfuse {__version__}")  # fmt: skip
 
 
-def _parse_batches(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(
-            f"--batch {text!r}: expected comma-separated integers, e.g. 1,32"
-        ) from None
-
-
-def options_from(args: argparse.Namespace, reports: Sequence[Path] = ()) -> Options:
-    """The :class:`Options` the parsed flags ask for (values are checked by the API)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    if args.input_shape:
-        from bnfuse.inputs import parse_input_shape
-
-        for text in args.input_shape:
-            name, shape = parse_input_shape(text)
-            shapes[name] = shape
-    return Options(
-        validate=args.validate,
-        samples=args.samples,
-        seed=args.seed,
-        rtol=args.rtol,
-        atol=args.atol,
-        inputs=_inputs_arg(args.inputs),
-        input_shapes=shapes,
-        rollback=args.rollback,
-        force=args.force,
-        dry_run=args.dry_run,
-        skip=tuple(args.skip),
-        forward=args.forward,
-        treat_initializer_inputs_as_constants=args.treat_initializer_inputs_as_constants,
-        unsafe_load=args.unsafe_load,
-        bench=args.bench,
-        batches=_parse_batches(args.batch),
-        threads=args.threads,
-        bench_seconds=args.bench_seconds,
-        keep=tuple(args.keep),
-        reports=tuple(reports),
-        check_stats=args.check_stats,
-        recalibrate=args.recalibrate,
-        providers=tuple(args.provider),
-    )
-
-
-def _inputs_arg(paths: list[Path]) -> Path | tuple[Path, ...] | None:
-    """``--inputs`` as the API takes it: one path, several, or None."""
-    if not paths:
-        return None
-    return paths[0] if len(paths) == 1 else tuple(paths)
-
-
 def _message(exc: BnfuseError) -> str:
     if isinstance(exc, OptionError):  # the API names its parameter; say the flag instead
         return f"{FLAGS.get(exc.param, exc.param)}: {exc.detail}"
@@ -389,7 +319,7 @@ def _run_one(args: argparse.Namespace, options: Options, streams: Streams) -> in
     from bnfuse import api
 
     show_progress = not args.quiet and not args.json and _is_terminal(streams.err)
-    progress_cb, stop = _progress(streams.err) if show_progress else (None, _nothing)
+    progress_cb, stop = _progress(streams.err) if show_progress else (None, nothing)
     failure: ValidationError | None = None
     result: FuseResult | None = None
     try:
@@ -409,46 +339,6 @@ def _run_one(args: argparse.Namespace, options: Options, streams: Streams) -> in
     if failure is not None:
         raise failure
     return 0
-
-
-def _nothing() -> None:
-    return None
-
-
-def _is_terminal(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _console(stream: IO[str]) -> Any:
-    from rich.console import Console
-
-    return Console(file=stream, soft_wrap=False, width=None if _is_terminal(stream) else 160)
-
-
-def _progress(err: IO[str] | Any, total: float | None = None) -> tuple[Any, Callable[[], None]]:
-    """A progress bar on ``err`` (a stream or a rich Console): ``(callback, stop)``."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = err if isinstance(err, Console) else Console(file=err)
-    prog = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-    prog.start()
-    task = prog.add_task("starting", total=total)
-
-    def cb(description: str, completed: float, total: float | None) -> None:
-        prog.update(task, description=description, completed=completed, total=total)
-
-    return cb, prog.stop
 
 
 def _terminate(signum: int, frame: object) -> None:

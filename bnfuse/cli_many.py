@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bnfuse import cli_common as _common
 from bnfuse.backend import atomic_path
+from bnfuse.cli_common import FLAGS, options_from
 from bnfuse.compact import aligned
 from bnfuse.many import ModelRun, fuse_many, worst_exit_code
 from bnfuse.options import OptionError, report_format
@@ -76,8 +78,6 @@ HEADERS = ("model", "folded", "left", "validation", "time s", "output")
 def _error_line(run: ModelRun) -> str:
     text = run.error
     if run.param:  # an option the API named: say the flag
-        from bnfuse.cli import FLAGS
-
         text = f"{FLAGS.get(run.param, run.param)}: {text.split(': ', 1)[-1]}"
     return text if text.startswith(run.source) else f"{run.source}: {text}"
 
@@ -159,18 +159,16 @@ def _render_summary(runs: Sequence[ModelRun], console: Any) -> None:
 
 def run_many(args: argparse.Namespace, streams: Any) -> int:
     """Fuse every model ``args.models`` stands for; returns the worst exit code."""
-    from bnfuse.cli import _console, _is_terminal, _progress, options_from
-
     report_dir = _report_dir(args.report)
     options = options_from(args)
-    show = not args.quiet and not args.json and _is_terminal(streams.err)
+    show = not args.quiet and not args.json and _common.is_terminal(streams.err)
     err_console = None
     cb, stop = None, None
     if show:
         from rich.console import Console
 
         err_console = Console(file=streams.err)
-        cb, stop = _progress(err_console)
+        cb, stop = _common.progress_bar(err_console)
 
     def on_result(run: ModelRun) -> None:
         if run.exit_code:
@@ -203,7 +201,7 @@ def run_many(args: argparse.Namespace, streams: Any) -> int:
             if run.status == "skipped":
                 streams.out.write(_json_line(run) + "\n")
     else:
-        _render_summary(runs, _console(streams.out))
+        _render_summary(runs, _common.console_for(streams.out))
     if report_dir is not None:
         _write_summary(runs, report_dir)
     return worst_exit_code(runs)

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 __all__ = [
     "Affine",
+    "DtypeOverflowError",
     "Scaled",
     "bn_affine",
     "channel_map",
@@ -428,11 +429,19 @@ def _weighted_sums(
     return total
 
 
+class DtypeOverflowError(OverflowError):
+    """Folded values that a finite ``dtype`` (its name) cannot hold: the fold is refused."""
+
+    def __init__(self, dtype: str) -> None:
+        super().__init__(f"folded values overflow {dtype}")
+        self.dtype = dtype
+
+
 def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
     """Round a float64 array once to ``dtype`` (numpy float types or ml_dtypes' bfloat16).
 
-    Raises :class:`OverflowError` when a finite value becomes infinite (fp16 and bf16
-    overflow silently to ``inf`` otherwise).
+    Raises :class:`DtypeOverflowError` (an :class:`OverflowError`) when a finite value
+    becomes infinite (fp16 and bf16 overflow silently to ``inf`` otherwise).
     """
     dt = np.dtype(dtype)
     if isinstance(arr, np.ndarray) and arr.dtype == dt:
@@ -448,7 +457,7 @@ def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:
     if dt == np.float64 or bool(np.isfinite(out).all()):
         return out  # nothing became infinite (the common case: one cheap pass)
     if np.any(np.isinf(out.astype(np.float64)) & np.isfinite(a64)):
-        raise OverflowError(f"folded values overflow {out.dtype.name}")
+        raise DtypeOverflowError(out.dtype.name)
     return out
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
-__all__ = ["EXCLUDED", "kept_by", "kept_reason"]
+__all__ = ["KEPT_CODE", "kept_by", "kept_reason"]
 
-EXCLUDED = "excluded"  # the refusal code (see bnfuse/reasons.py)
+KEPT_CODE = "excluded"  # the refusal code (see bnfuse/reasons.py)
 
 
 def kept_by(names: Sequence[str], patterns: Sequence[str]) -> str | None:

@@ -9,6 +9,7 @@ keyword arguments; the command line builds one from its flags. Every value check
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bnfuse.errors import UsageError
+from bnfuse.errors import MissingDependencyError, UsageError
 
-__all__ = ["REPORT_SUFFIXES", "OptionError", "Options", "report_format"]
+__all__ = ["REPORT_SUFFIXES", "OptionError", "Options", "report_format", "require_html_extra"]
 
 #: Report file suffixes and the format each writes.
 REPORT_SUFFIXES: dict[str, str] = {
@@ -37,6 +38,13 @@ class OptionError(UsageError):
         super().__init__(f"{param}: {detail}")
         self.param = param
         self.detail = detail
+
+
+def require_html_extra() -> None:
+    """Raise :class:`MissingDependencyError` (exit 4) unless matplotlib, which draws the
+    HTML report's charts, is installed (``bnfuse[html]``)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependencyError("matplotlib", "html")
 
 
 def report_format(path: str | os.PathLike[str]) -> str | None:
@@ -123,9 +131,7 @@ class Options:
                     "reports", f"{report}: use a .md, .json or .html file name (or a directory)"
                 )
         if any(report_format(r) == "html" for r in self.reports):
-            from bnfuse.report_html import require_extra  # MissingDependencyError (exit 4)
-
-            require_extra()
+            require_html_extra()
         if self.providers and not self.bench:
             raise OptionError("providers", "chooses where the benchmark runs: add bench")
         for name, shape in self.input_shapes.items():

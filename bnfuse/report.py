@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich import box
@@ -21,15 +19,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from bnfuse.backend import atomic_path
 from bnfuse.bench import ORT_FOLDS_NOTE
-from bnfuse.errors import UsageError
-from bnfuse.options import REPORT_SUFFIXES as _REPORT_FORMATS
-from bnfuse.options import report_format
 from bnfuse.report_stats import stats_sections
 from bnfuse.result import BenchResult, FuseResult, ModelStats, Validation
 
-__all__ = ["SCHEMA", "check_report_path", "render", "to_json", "to_markdown", "write_report"]
+__all__ = ["SCHEMA", "render", "to_json", "to_markdown"]
 
 SCHEMA = "bnfuse.result/1"
 
@@ -469,50 +463,3 @@ def _finite(obj: Any) -> Any:
 def to_json(result: FuseResult) -> str:
     """``result.to_dict()`` as indented JSON with sorted keys; non-finite numbers are null."""
     return json.dumps(_finite(result.to_dict()), indent=2, sort_keys=True, allow_nan=False)
-
-
-REPORT_SUFFIXES = tuple(_REPORT_FORMATS)
-
-
-def check_report_path(path: str | os.PathLike[str]) -> None:
-    """Refuse a report file name bnfuse cannot write, before any work is done.
-
-    Raises:
-        UsageError: a suffix other than :data:`REPORT_SUFFIXES`.
-        MissingDependencyError: ``.html`` without the ``html`` extra (matplotlib).
-    """
-    dest = Path(path)
-    kind = report_format(dest)
-    if kind is None:
-        raise UsageError(f"--report {dest}: use a .md, .json or .html file name")
-    if kind == "html":
-        from bnfuse.report_html import require_extra
-
-        require_extra()
-
-
-def write_report(result: FuseResult, path: str | os.PathLike[str]) -> None:
-    """Write the report to ``path``: Markdown for ``.md``, JSON for ``.json``, a
-    self-contained page for ``.html`` (:mod:`bnfuse.report_html`); atomically.
-
-    Raises:
-        UsageError: another suffix, or the directory does not exist.
-        MissingDependencyError: ``.html`` without the ``html`` extra.
-    """
-    dest = Path(path)
-    suffix = dest.suffix.lower()
-    check_report_path(dest)
-    if suffix in (".md", ".markdown"):
-        content = to_markdown(result)
-    elif suffix == ".json":
-        content = to_json(result) + "\n"
-    else:
-        from bnfuse.report_html import to_html
-
-        content = to_html(result)
-    if not dest.parent.is_dir():
-        raise UsageError(f"--report {dest}: directory {dest.parent} does not exist")
-    if dest.is_dir():
-        raise UsageError(f"--report {dest}: is a directory")
-    with atomic_path(dest) as tmp:
-        tmp.write_text(content, encoding="utf-8")

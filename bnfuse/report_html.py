@@ -26,8 +26,9 @@ from pathlib import Path
 from bnfuse import report as _r
 from bnfuse.backend import atomic_path
 from bnfuse.bench import ORT_FOLDS_NOTE
-from bnfuse.errors import MissingDependencyError, UsageError
+from bnfuse.errors import UsageError
 from bnfuse.model_info import describe
+from bnfuse.options import require_html_extra
 from bnfuse.report_assets import CSS, SCRIPT
 from bnfuse.result import BenchResult, FuseResult, Validation
 
@@ -40,8 +41,7 @@ _E = html.escape
 
 def require_extra() -> None:
     """Raise :class:`MissingDependencyError` (exit 4) unless matplotlib is installed."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise MissingDependencyError("matplotlib", "html")
+    require_html_extra()
 
 
 def _charts() -> types.ModuleType:

@@ -69,6 +69,7 @@ __all__ = [
     "WIDENING_LIMIT",
     "Comparison",
     "Moments",
+    "Site",
     "compare",
     "is_default",
     "limits",
@@ -286,3 +287,21 @@ def widening(
         return ratio, None
     spread = hi / lo if lo > 0 else math.inf
     return ratio, spread
+
+
+@dataclass
+class Site:
+    """One BN a collector can run to. ``keep``: the axes of its input that are channels
+    (reduced over all others); ``reason``: why it cannot be checked ("" when it can)."""
+
+    name: str
+    keep: tuple[int, ...]
+    channels: int
+    eps: float
+    mean: np.ndarray | None
+    var: np.ndarray | None
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    depth: int
+    reason: str = ""
+    scope: str = ""

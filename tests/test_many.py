@@ -13,6 +13,7 @@ from onnx_util import GraphBuilder, count_ops
 
 import bnfuse
 import bnfuse.cli
+import bnfuse.cli_common
 from bnfuse.cli import run
 from bnfuse.many import ModelRun, expand_models, fuse_many, worst_exit_code
 
@@ -191,14 +192,14 @@ def test_progress_bar_shown_once_across_models(
     models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bars: list[Any] = []
-    real = bnfuse.cli._progress
+    real = bnfuse.cli_common.progress_bar
 
     def spy(err: Any, total: float | None = None) -> Any:
         bars.append(err)
         return real(err, total)
 
-    monkeypatch.setattr(bnfuse.cli, "_is_terminal", lambda stream: True)
-    monkeypatch.setattr(bnfuse.cli, "_progress", spy)
+    monkeypatch.setattr(bnfuse.cli_common, "is_terminal", lambda stream: True)
+    monkeypatch.setattr(bnfuse.cli_common, "progress_bar", spy)
     assert run([str(models / "a.onnx"), str(models / "dir" / "b.onnx"), "--no-validate"]) == 0
     assert len(bars) == 1
 

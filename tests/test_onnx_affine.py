@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_util import GraphBuilder, assert_close, count_ops
 
 from bnfuse.backend import FuseOptions
-from bnfuse.onnx.affine import count_affine_nodes
 from bnfuse.onnx.backend import OnnxBackend
+from bnfuse.onnx.count import count_affine_nodes
 
 AFFINE = ("Mul", "Add", "Sub", "Div")
 

@@ -20,8 +20,8 @@ pytest.importorskip("tf2onnx")
 from test_onnx_keras_export import export, randomize_bn  # noqa: E402
 
 import bnfuse  # noqa: E402
-from bnfuse.onnx.affine import count_affine_nodes  # noqa: E402
 from bnfuse.onnx.backend import OrtRunner  # noqa: E402
+from bnfuse.onnx.count import count_affine_nodes  # noqa: E402
 
 L = keras.layers
 

@@ -21,8 +21,8 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
 import bnfuse  # noqa: E402
-from bnfuse.onnx.affine import count_affine_nodes  # noqa: E402
 from bnfuse.onnx.backend import OrtRunner  # noqa: E402
+from bnfuse.onnx.count import count_affine_nodes  # noqa: E402
 
 L = keras.layers
 

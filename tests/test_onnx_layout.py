@@ -14,8 +14,8 @@ from onnx import TensorProto, helper
 from onnx_util import GraphBuilder, assert_close, count_ops
 
 from bnfuse.backend import FuseOptions
-from bnfuse.onnx.affine import count_affine_nodes
 from bnfuse.onnx.backend import OnnxBackend
+from bnfuse.onnx.count import count_affine_nodes
 
 
 def fuse(model: onnx.ModelProto, check: bool = True, **opts: object):

@@ -1,4 +1,5 @@
-"""Every refusal reason of the ONNX pass, one negative test each (reason text asserted)."""
+"""Every refusal reason of the ONNX pass, one negative test each (reason text asserted);
+the reasons added later are tested in tests/test_onnx_refusal_reasons.py."""
 
 from __future__ import annotations
 

@@ -337,7 +337,7 @@ def test_function_input_weight_refused() -> None:
 
 
 def test_count_affine_nodes_sees_subgraphs_and_functions() -> None:
-    from bnfuse.onnx.affine import count_affine_nodes
+    from bnfuse.onnx.count import count_affine_nodes
 
     assert count_affine_nodes(if_model()) == {"BatchNormalization": 2, "affine": 2}
     assert count_affine_nodes(function_model()) == {"BatchNormalization": 1, "affine": 1}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from bnfuse import report
+from bnfuse import report, report_files
 from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.errors import UsageError
 from bnfuse.result import (
@@ -420,8 +420,8 @@ def test_json_of_a_minimal_result_has_null_sections() -> None:
 
 def test_write_report_markdown_and_json(tmp_path: Path) -> None:
     r = full_result()
-    report.write_report(r, tmp_path / "r.md")
-    report.write_report(r, tmp_path / "r.json")
+    report_files.write_report(r, tmp_path / "r.md")
+    report_files.write_report(r, tmp_path / "r.json")
     assert (tmp_path / "r.md").read_text(encoding="utf-8") == report.to_markdown(r)
     assert (
         json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["schema"] == "bnfuse.result/1"
@@ -432,13 +432,13 @@ def test_write_report_markdown_and_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["r.txt", "r", "r.htm"])
 def test_write_report_refuses_other_suffixes(tmp_path: Path, name: str) -> None:
     with pytest.raises(UsageError, match=r"\.md, \.json or \.html"):
-        report.write_report(full_result(), tmp_path / name)
+        report_files.write_report(full_result(), tmp_path / name)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_report_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
-        report.write_report(full_result(), tmp_path / "nope" / "r.md")
+        report_files.write_report(full_result(), tmp_path / "nope" / "r.md")
 
 
 def test_write_report_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -450,7 +450,7 @@ def test_write_report_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(report, "to_json", boom)
     with pytest.raises(KeyboardInterrupt):
-        report.write_report(full_result(), dest)
+        report_files.write_report(full_result(), dest)
     assert dest.read_text(encoding="utf-8") == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 

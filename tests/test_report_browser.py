@@ -20,7 +20,7 @@ import pytest
 from test_report import full_result
 from test_report_html import with_timings
 
-from bnfuse import api, report
+from bnfuse import api, report_files
 from bnfuse.errors import ValidationError
 from bnfuse.result import FuseResult
 
@@ -143,7 +143,7 @@ def test_onnx_sample_report_in_chromium(browser: Any, tmp_path: Path) -> None:
         bench_seconds=0.4,
     )
     page = tmp_path / "onnx.html"
-    report.write_report(result, page)
+    report_files.write_report(result, page)
     log = open_report(browser, page, tmp_path / "onnx.png")
     assert errors(log) == []
     check_page(browser, result, min_charts=3)  # validation, distributions, speedup
@@ -155,7 +155,7 @@ def test_onnx_report_with_refusals_and_no_bench(browser: Any, tmp_path: Path) ->
     result = api.fuse(SAMPLES / "digits_mlp.onnx", dry_run=True, forward=False)
     assert len(result.refusals) == 2 and len(result.folds) == 2
     page = tmp_path / "mlp.html"
-    report.write_report(result, page)
+    report_files.write_report(result, page)
     assert errors(open_report(browser, page, tmp_path / "mlp.png")) == []
     check_page(browser, result, min_charts=1)
     from selenium.webdriver.common.by import By
@@ -174,7 +174,7 @@ def test_failed_validation_report_in_chromium(browser: Any, tmp_path: Path) -> N
     skipped = "benchmark skipped: validation failed (--force writes and times it anyway)"
     result = full_result(bench=None, written=False, warnings=(skipped,))
     page = tmp_path / "failed.html"
-    report.write_report(result, page)
+    report_files.write_report(result, page)
     assert errors(open_report(browser, page, tmp_path / "failed.png")) == []
     check_page(browser, result, min_charts=1)
     from selenium.webdriver.common.by import By
@@ -214,7 +214,7 @@ def test_keras_sample_report_in_chromium(browser: Any, tmp_path: Path) -> None:
     except ValidationError as exc:  # pragma: no cover - would be a bug, report it fully
         raise AssertionError(exc.message) from None
     page = tmp_path / "keras.html"
-    report.write_report(result, page)
+    report_files.write_report(result, page)
     assert errors(open_report(browser, page, tmp_path / "keras.png")) == []
     check_page(browser, result, min_charts=3)
     from selenium.webdriver.common.by import By
@@ -248,7 +248,7 @@ def test_a_densenet_sized_table_stays_usable(browser: Any, tmp_path: Path) -> No
     refusal = (Refusal(names[-1], "the Conv output has 2 consumers", rule="conv-bn"),)
     result = full_result(folds=folds, refusals=refusal, validation=None, bench=None)
     page = tmp_path / "densenet.html"
-    report.write_report(result, page)
+    report_files.write_report(result, page)
     assert errors(open_report(browser, page, tmp_path / "densenet.png")) == []
     check_page(browser, result, min_charts=0)
     browser.set_window_size(1280, 800)

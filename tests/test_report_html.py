@@ -18,7 +18,7 @@ import pytest
 from test_report import full_result
 from typer.testing import CliRunner
 
-from bnfuse import bench, report, report_html
+from bnfuse import bench, report_files, report_html
 from bnfuse.backend import BenchTarget, InputSpec
 from bnfuse.bench import ORT_FOLDS_NOTE
 from bnfuse.cli import app
@@ -170,13 +170,13 @@ def test_bench_keeps_raw_timings_out_of_the_json() -> None:
 
 def test_write_report_dispatches_html_atomically(tmp_path: Path) -> None:
     dest = tmp_path / "r.HTML"
-    report.write_report(with_timings(full_result()), dest)
+    report_files.write_report(with_timings(full_result()), dest)
     text = dest.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     assert [p.name for p in tmp_path.iterdir()] == ["r.HTML"]
-    report.check_report_path(tmp_path / "r.markdown")  # accepted
+    report_files.check_report_path(tmp_path / "r.markdown")  # accepted
     with pytest.raises(UsageError, match=r"\.md, \.json or \.html"):
-        report.check_report_path(tmp_path / "r.txt")
+        report_files.check_report_path(tmp_path / "r.txt")
 
 
 def _no_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:

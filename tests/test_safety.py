@@ -201,7 +201,7 @@ def test_outputs_get_the_permissions_of_a_new_file(
     src = make(tmp_path / "m.onnx")
     res = bnfuse.fuse(src, tmp_path / "f.onnx", validate=False)
     assert _mode(tmp_path / "f.onnx") == 0o640
-    from bnfuse.report import write_report
+    from bnfuse.report_files import write_report
 
     write_report(res, tmp_path / "r.json")
     assert _mode(tmp_path / "r.json") == 0o640

@@ -27,9 +27,10 @@ from numpy.typing import NDArray
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError
 from bnfuse.fold import Affine, bn_affine, check_bn, round_to
-from bnfuse.keep import EXCLUDED, kept_by, kept_reason
+from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
 from bnfuse.keras import rules as R
 from bnfuse.keras.graph import INPUT, Node, Scope
+from bnfuse.reasons import EXCLUDED, overflow, refusal
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
@@ -37,7 +38,7 @@ __all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
 F64 = NDArray[np.float64]
 #: A forward fold planned into one layer: (node, rule, in_map or None, detail).
 _Plan = tuple[Node, R.Rule, Any, str]
-EXCLUDED_REASON = "excluded (rolled back)"
+EXCLUDED_REASON = EXCLUDED  # one wording for every backend (bnfuse/reasons.py)
 
 _Functional = keras.src.models.functional.Functional
 
@@ -132,8 +133,8 @@ class _Store:
             dt = dtypes.get(var, kdt)
             try:
                 round_to(value, dt)
-            except OverflowError:
-                return f"folded weights of '{name}' overflow {dt.name}"
+            except OverflowError as exc:
+                return overflow(name, exc)
         return None
 
     def put(self, scope: Scope, name: str, new: dict[str, F64]) -> None:
@@ -188,13 +189,12 @@ class _Pass:
             inner = [s for s in layer._flatten_layers(include_self=False) if _is_bn(s)]
             for sub in inner:
                 self.opaque.append(
-                    Refusal(
-                        bn=sub.name,
-                        reason=(
-                            f"inside layer '{name}' ({type(layer).__name__}), whose "
-                            "internals bnfuse cannot rewrite"
-                        ),
+                    refusal(
+                        sub.name,
+                        f"inside layer '{name}' ({type(layer).__name__}), whose "
+                        "internals bnfuse cannot rewrite",
                         scope=_join(scope.path, name),
+                        code="unsupported-layer",
                     )
                 )
 
@@ -282,10 +282,8 @@ class _Pass:
             if bn.key in done:
                 continue
             if bn.key in refused:
-                code = EXCLUDED if bn.key in kept else ""
-                refusals.append(
-                    Refusal(bn=bn.name, reason=refused[bn.key], scope=bn.scope.path, code=code)
-                )
+                code = KEPT_CODE if bn.key in kept else None
+                refusals.append(refusal(bn.name, refused[bn.key], scope=bn.scope.path, code=code))
             else:
                 refusals.append(self._refusal(bn))
         refusals.extend(self.opaque)
@@ -317,7 +315,7 @@ class _Pass:
         else:
             reason = f"no linear layer next to BN ({back.reason}; {fwd.reason})"
             rule = ""
-        return Refusal(bn=bn.name, reason=reason, rule=rule, scope=bn.scope.path)
+        return refusal(bn.name, reason, rule=rule, scope=bn.scope.path)
 
     # -- backward --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.fold import Affine, channel_map, fold_backward, fold_forward
+from bnfuse.reasons import PADDING, TRANSPOSE_SHIFT
 
 __all__ = [
     "BACKWARD_RULES",
@@ -41,11 +42,8 @@ __all__ = [
 F64 = NDArray[np.float64]
 Weights = dict[str, F64]
 
-PADDING_REASON = "zero padding after BN: fold would change the borders"
-TRANSPOSE_SHIFT_REASON = (
-    "BN shift before a transposed convolution: its border outputs sum fewer kernel taps, "
-    "so the shift cannot become a bias (only a pure scale folds)"
-)
+PADDING_REASON = PADDING  # one wording for every backend (bnfuse/reasons.py)
+TRANSPOSE_SHIFT_REASON = TRANSPOSE_SHIFT
 
 
 def _is_linear_activation(layer: Any) -> bool:

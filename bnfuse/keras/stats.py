@@ -17,11 +17,10 @@ import keras
 import numpy as np
 
 from bnfuse.backend import FuseOptions
-from bnfuse.calibrate import Site
 from bnfuse.keras import fuse as _fuse
 from bnfuse.keras import rules as _rules
 from bnfuse.keras.runtime import input_names
-from bnfuse.stats import Moments
+from bnfuse.stats import Moments, Site
 
 __all__ = ["KerasCollector"]
 

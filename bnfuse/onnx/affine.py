@@ -38,7 +38,7 @@ from bnfuse.fold import Affine
 from bnfuse.onnx.graph import FLOAT_TYPES, Graph, node_label
 from bnfuse.onnx.rules import ELEMENTWISE, Norm
 
-__all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "count_affine_nodes", "step_of"]
+__all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "step_of"]
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -149,7 +149,8 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
     else:  # Div(x, c)
         if np.any(vec == 0):
             return "Div by a constant that contains 0"
-        aff = Affine(1.0 / vec, zeros)
+        with np.errstate(over="ignore"):  # a reciprocal too large is refused just below
+            aff = Affine(1.0 / vec, zeros)
     if not (np.all(np.isfinite(aff.scale)) and np.all(np.isfinite(aff.shift))):
         return f"{op} constant gives a non-finite affine"
     return Step(node, x, c, aff, axis, rank)
@@ -370,46 +371,3 @@ def _listed(st: Step, x: str, g: Graph) -> bool:
         return True
     chain = _chain_containing(st, g)
     return chain is not None and bn_pair(chain)
-
-
-def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str, int]:
-    """BN-equivalent nodes of a model: BatchNormalization nodes, and Mul/Add/Sub/Div by a
-    per-channel (or scalar) constant next to a linear layer (a MatMul's bias Add excluded).
-
-    Counted over the main graph, subgraphs (whose outer-scope constants count) and
-    function bodies; returns ``{"BatchNormalization": n, "affine": m}``.
-    """
-    from bnfuse.onnx.fuse import ShapeTree, shape_tree
-    from bnfuse.onnx.graph import NameSource
-
-    names = NameSource(model)
-    counts = {"BatchNormalization": 0, "affine": 0}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-    def walk(graph: onnx.GraphProto, tree: ShapeTree, outer: Graph | None, fn: bool) -> None:
-        g = Graph(
-            graph, names, True, outer, tree.values, function=fn, types=tree.types, opset=opset
-        )
-        for i, n in enumerate(graph.node):
-            if n.op_type == "BatchNormalization" and _default(n):
-                counts["BatchNormalization"] += 1
-            elif n.op_type in AFFINE_OPS and not _is_matmul_bias(n, g):
-                try:
-                    st = step_of(n, g)
-                except ValueError:  # unreadable constant: not counted
-                    st = None
-                x = _non_const_input(n, g)
-                if isinstance(st, Step) and x is not None and _listed(st, x, g):
-                    counts["affine"] += 1
-            for a in n.attribute:
-                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-                for j, sub in enumerate(subs):
-                    walk(sub, tree.children.get((i, a.name, j), ShapeTree()), g, False)
-
-    walk(model.graph, shape_tree(model) if shapes else ShapeTree(), None, False)
-    for f in model.functions:
-        body = onnx.GraphProto(name=f.name, node=f.node)
-        body.input.extend(onnx.helper.make_empty_tensor_value_info(i) for i in f.input)
-        body.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in f.output)
-        walk(body, ShapeTree(), None, True)
-    return counts

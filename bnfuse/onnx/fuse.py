@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import onnx
 
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, first_line
-from bnfuse.keep import EXCLUDED, kept_by, kept_reason
+from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
 from bnfuse.onnx.affine import affine_norm
 from bnfuse.onnx.constants import prune as prune_computed
 from bnfuse.onnx.graph import (
@@ -29,6 +27,8 @@ from bnfuse.onnx.rules import (
     Norm,
     bn_norm,
 )
+from bnfuse.onnx.shapes import ShapeDict, ShapeTree, lazy_shape_tree, shape_map
+from bnfuse.reasons import EXCLUDED, overflow, refusal
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model", "shape_map"]
@@ -56,124 +56,6 @@ def _bn_finder(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None:
 #: Functions that recognise a normalization starting at a node: a BatchNormalization, or
 #: a BN in disguise (a chain of Mul/Add/Sub/Div by per-channel constants).
 NORM_FINDERS: list[NormFinder] = [_bn_finder, affine_norm]
-
-Shape = tuple[int | str | None, ...]
-ShapeDict = dict[str, Shape]
-
-
-@dataclass
-class ShapeTree:
-    """Inferred shapes of one graph, and of the subgraphs of its nodes.
-
-    Children are keyed ``(node index, attribute name, graph index)`` in the graph as it
-    was when shapes were inferred (subgraphs are folded before their parent graph, so
-    the indices still hold when they are looked up).
-    """
-
-    values: Mapping[str, Shape] = field(default_factory=dict)
-    children: Mapping[tuple[int, str, int], ShapeTree] = field(default_factory=dict)
-    types: Mapping[str, int] = field(default_factory=dict)  # element types, where known
-
-
-def _collect(graph: onnx.GraphProto) -> ShapeTree:
-    values: ShapeDict = {}
-    types: dict[str, int] = {}
-    children: dict[tuple[int, str, int], ShapeTree] = {}
-    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-        t = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and t.elem_type:
-            types[vi.name] = int(t.elem_type)
-        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
-            continue
-        values[vi.name] = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-        )
-    for init in graph.initializer:
-        values.setdefault(init.name, tuple(int(d) for d in init.dims))
-    for i, node in enumerate(graph.node):
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                children[(i, a.name, 0)] = _collect(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for j, sub in enumerate(a.graphs):
-                    children[(i, a.name, j)] = _collect(sub)
-    return ShapeTree(values, children, types)
-
-
-class _Once:
-    """Calls ``compute`` the first time it is asked, then returns the same result."""
-
-    def __init__(self, compute: Callable[[], ShapeTree]) -> None:
-        self._compute: Callable[[], ShapeTree] | None = compute
-        self._tree: ShapeTree | None = None
-
-    @property
-    def tree(self) -> ShapeTree:
-        if self._compute is not None:
-            self._tree, self._compute = self._compute(), None
-        assert self._tree is not None
-        return self._tree
-
-
-class _LazyPart(Mapping[Any, Any]):
-    """``tree.values`` or ``tree.children`` of a :class:`ShapeTree` made on first use."""
-
-    def __init__(self, once: _Once, part: str) -> None:
-        self._once, self._part = once, part
-
-    def _data(self) -> Mapping[Any, Any]:
-        data: Mapping[Any, Any] = getattr(self._once.tree, self._part)
-        return data
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._data()[key]
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._data())
-
-    def __len__(self) -> int:
-        return len(self._data())
-
-
-def lazy_shape_tree(model: onnx.ModelProto) -> ShapeTree:
-    """:func:`shape_tree` of ``model``, run when a shape is first looked up.
-
-    Most folds never need one (:meth:`Graph.rank` proves ranks from the producers, and
-    declared input shapes are read directly), and inference is the largest fixed cost of
-    a small model's pass. When a rule does need it, inference sees the model as it is
-    then: folds already made keep every remaining tensor's shape (a fold renames or
-    removes tensors, it never reshapes one), and subgraphs, whose shapes are keyed by
-    node index, are folded before their parent graph changes.
-    """
-    once = _Once(lambda: shape_tree(model))
-    return ShapeTree(
-        values=_LazyPart(once, "values"),
-        children=_LazyPart(once, "children"),
-        types=_LazyPart(once, "types"),
-    )
-
-
-def shape_tree(model: onnx.ModelProto) -> ShapeTree:
-    """Shapes from ONNX shape inference, main graph and subgraphs (best effort).
-
-    Inference never sees the large weight payloads (dims and small constants are kept),
-    so it costs no second copy of the weights and works beyond 2 GB: a model whose large
-    tensors are all placeholders (a loaded file, a lazy copy) is light already; any other
-    is inferred on a copy without them.
-    """
-    from bnfuse.onnx.external import has_large_payloads, skeleton
-
-    try:
-        light = skeleton(model) if has_large_payloads(model) else model
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception:  # shape inference is best-effort; rules refuse when they need a shape
-        inferred = model
-    return _collect(inferred.graph)
-
-
-def shape_map(model: onnx.ModelProto) -> ShapeDict:
-    """Shapes of the main graph's tensors (see :func:`shape_tree`)."""
-    return dict(shape_tree(model).values)
 
 
 def fuse_model(
@@ -323,6 +205,7 @@ def fuse_graph(
         types=tree.types,
         opset=opset,
     )
+    undefined = _undefined_names(g)  # a damaged input's dangling reads are not ours to lose
     _fuse_subgraphs(g, names, options, opset, tree, result, scope)
     finders = [
         f for f in NORM_FINDERS if not (f is affine_norm and AFFINE_FINDER in options.skip_rules)
@@ -352,24 +235,23 @@ def fuse_graph(
             label = node_label(node)
             kind = node.op_type
             if label in options.exclude:
-                refused[label] = Refusal(
-                    label, "excluded (rolled back)", getattr(norm, "kind", kind), "", scope
+                refused[label] = refusal(
+                    label, EXCLUDED, kind=getattr(norm, "kind", kind), scope=scope, code="excluded"
                 )
                 continue
             scoped = f"{scope}/{label}" if scope else ""
             pattern = kept_by((label, scoped), options.keep) if options.keep else None
             if pattern is not None:
-                refused[label] = Refusal(
+                refused[label] = refusal(
                     label,
                     kept_reason(pattern),
-                    getattr(norm, "kind", kind),
-                    "",
-                    scope,
-                    code=EXCLUDED,
+                    kind=getattr(norm, "kind", kind),
+                    scope=scope,
+                    code=KEPT_CODE,
                 )
                 continue
             if isinstance(norm, str):
-                refused[label] = Refusal(label, norm, kind, "", scope)
+                refused[label] = refusal(label, norm, kind=kind, scope=scope)
                 continue
             fold, reason, rule = _try_fold(norm, g, backward, forward, scope)
             if fold is not None:
@@ -382,14 +264,14 @@ def fuse_graph(
                         raise FusionInvariantError(mismatch, fold=fold.bn, scope=scope)
                 progressed = True
                 continue
-            refused[label] = Refusal(label, reason, norm.kind, rule, scope)
+            refused[label] = refusal(label, reason, kind=norm.kind, rule=rule, scope=scope)
         if not progressed:
             break
     result.refusals.extend(refused.values())
     if dead:
         g.remove_unused_initializers(dead, reindex=False)  # the edits kept the index exact
     prune_computed(g)  # computing nodes of constants that folds replaced
-    _check_invariants(g, result, scope)
+    _check_invariants(g, result, scope, undefined)
 
 
 #: Tests set this to compare the incrementally kept graph index with a fresh one after
@@ -425,7 +307,7 @@ def _try_fold(
             try:
                 into = rule.rewrite(m, g)
             except OverflowError as exc:
-                return None, f"{exc} (fold refused)", rule.name
+                return None, overflow(node_label(m.producer), exc), rule.name
             return (
                 Fold(norm.name, into, rule.name, "backward", norm.channels, norm.kind, "", scope),
                 "",
@@ -477,14 +359,15 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
         targets.append((rule_used, found))
     if norm.output in g.output_names:
         return (targets[0][0].name, f"{norm.kind} output is a graph output")  # type: ignore[attr-defined]
+    current = targets[0][1]  # the target being rewritten, named by an overflow
     try:
         if len(targets) > 1:  # an overflow in a later target must not leave earlier ones
-            for rule, t in targets:  # rewritten: check them all first
-                rule.rewrite(norm, t, g, dry=True)  # type: ignore[attr-defined]
-        for rule, t in targets:
-            rule.rewrite(norm, t, g)  # type: ignore[attr-defined]
+            for rule, current in targets:  # rewritten: check them all first
+                rule.rewrite(norm, current, g, dry=True)  # type: ignore[attr-defined]
+        for rule, current in targets:
+            rule.rewrite(norm, current, g)  # type: ignore[attr-defined]
     except OverflowError as exc:
-        return (targets[0][0].name, f"{exc} (fold refused)")  # type: ignore[attr-defined]
+        return (targets[0][0].name, overflow(node_label(current.node), exc))  # type: ignore[attr-defined]
     for _, t in targets:
         head = t.via if t.via is not None else t.node
         for i, name in enumerate(head.input):
@@ -499,13 +382,23 @@ def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tupl
     return Fold(norm.name, into, rule_name, "forward", norm.channels, norm.kind, detail, scope)
 
 
-def _check_invariants(g: Graph, result: PassResult, scope: str) -> None:
+def _undefined_names(g: Graph) -> set[str]:
+    """Tensors the main graph reads (or outputs) that nothing defines: a damaged model's,
+    there before the pass, so :func:`_check_invariants` does not take them for ours."""
+    if g.outer is not None:
+        return set()
+    read = {name for node in g.g.node for name in node.input if name} | set(g.output_names)
+    return {n for n in read if n not in g.producer and n not in g.inits and n not in g.input_names}
+
+
+def _check_invariants(g: Graph, result: PassResult, scope: str, undefined: set[str]) -> None:
     g.reindex()
     for node in g.g.node:
         for name in node.input:
             known = name in g.producer or name in g.inits or name in g.input_names
-            if name and not known and g.outer is None:
+            if name and not known and g.outer is None and name not in undefined:
                 raise FusionInvariantError(f"tensor {name!r} lost its producer", scope=scope)
     for o in g.output_names:
-        if o not in g.producer and o not in g.inits and o not in g.input_names and g.outer is None:
+        known = o in g.producer or o in g.inits or o in g.input_names
+        if not known and g.outer is None and o not in undefined:
             raise FusionInvariantError(f"graph output {o!r} lost its producer", scope=scope)

@@ -18,6 +18,7 @@ import onnx
 from bnfuse.errors import FusionInvariantError
 from bnfuse.fold import Affine, channel_map, checked_bn_affine, fold_backward, fold_forward
 from bnfuse.onnx.graph import Graph, MalformedNodeError, attr, node_label, set_attr
+from bnfuse.reasons import PADDING, TRANSPOSE_SHIFT
 
 #: ``Norm.axis`` of an element-wise affine (see ``Norm.elem_shape``).
 ELEMENTWISE = -(10**6)
@@ -564,7 +565,7 @@ BACKWARD_RULES: tuple[BackwardRule, ...] = (ConvBN(), ConvTransposeBN(), GemmBN(
 # Forward rules: the normalization, then a linear consumer
 # ---------------------------------------------------------------------------------------
 
-PAD_REASON = "zero padding after BN: fold would change the borders"
+PAD_REASON = PADDING  # one wording for every backend (bnfuse/reasons.py)
 
 
 @dataclass
@@ -624,10 +625,7 @@ class BNConv(ForwardRule):
             return reason
         shift_zero = bool(np.all(norm.affine.shift == 0))
         if c.op_type == "ConvTranspose" and not shift_zero:
-            return (
-                "BN shift before ConvTranspose: a transposed convolution spreads a constant "
-                "unevenly at the borders (only a pure scale folds)"
-            )
+            return TRANSPOSE_SHIFT
         if _zero_padding(c) and not shift_zero:
             return PAD_REASON
         return ForwardTarget(c, scale_only=shift_zero)

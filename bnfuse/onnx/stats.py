@@ -18,11 +18,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfuse.calibrate import Site
 from bnfuse.onnx.backend import OnnxModel, OrtRunner
 from bnfuse.onnx.graph import SUBGRAPH_OPS, node_label
 from bnfuse.onnx.payloads import is_placeholder
-from bnfuse.stats import Moments
+from bnfuse.stats import Moments, Site
 
 __all__ = ["OnnxCollector"]
 

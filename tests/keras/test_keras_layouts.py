@@ -191,5 +191,5 @@ def test_float16_overflow_is_refused() -> None:
     bn.epsilon = 0.0
     res = fuse(model)
     assert [(r.bn, r.reason) for r in res.refusals] == [
-        ("bn", "folded weights of 'lin' overflow float16")
+        ("bn", "folded values of 'lin' overflow float16 (fold refused)")  # as in ONNX
     ]
