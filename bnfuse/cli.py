@@ -309,9 +309,10 @@ def _dispatch(args: argparse.Namespace, streams: Streams) -> int:
             "reports", f"{bad[0]}: use a .md, .json or .html file name (or a directory)"
         )
     for d in dirs:  # one model, --report DIR: its reports go in there
-        name = args.models[0].name
-        files += [d / f"{name}.md", d / f"{name}.json"]
+        from bnfuse.many import report_paths
+
         d.mkdir(parents=True, exist_ok=True)
+        files += report_paths(args.models[0], d)
     return _run_one(args, options_from(args, files), streams)
 
 

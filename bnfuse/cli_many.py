@@ -16,7 +16,7 @@ from bnfuse.backend import atomic_path
 from bnfuse.cli_common import FLAGS, options_from
 from bnfuse.compact import aligned
 from bnfuse.many import ModelRun, fuse_many, worst_exit_code
-from bnfuse.options import OptionError, report_format
+from bnfuse.options import OptionError, html_available, report_format
 
 __all__ = [
     "SUMMARY_SCHEMA",
@@ -133,10 +133,16 @@ def summary_markdown(runs: Sequence[ModelRun]) -> str:
 
 
 def _write_summary(runs: Sequence[ModelRun], directory: Path) -> None:
-    for name, text in (
+    files = [
         ("summary.md", summary_markdown(runs)),
         ("summary.json", json.dumps(summary_dict(runs), indent=2, sort_keys=True) + "\n"),
-    ):
+    ]
+    if html_available():  # a page per model was written beside NAME.md: link them
+        from bnfuse.report_html import summary_page
+
+        entries = [(r.result, f"{Path(r.source).name}.html") for r in runs if r.result]
+        files.append(("summary.html", summary_page(entries, failures=len(runs) - len(entries))))
+    for name, text in files:
         with atomic_path(directory / name) as tmp:
             tmp.write_text(text, encoding="utf-8")
 

@@ -17,10 +17,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bnfuse.errors import BnfuseError, UsageError, ValidationError
-from bnfuse.options import OptionError, Options
+from bnfuse.options import OptionError, Options, html_available
 from bnfuse.result import FuseResult
 
-__all__ = ["MODEL_SUFFIXES", "ModelRun", "expand_models", "fuse_many", "worst_exit_code"]
+__all__ = [
+    "MODEL_SUFFIXES",
+    "ModelRun",
+    "expand_models",
+    "fuse_many",
+    "report_paths",
+    "worst_exit_code",
+]
 
 #: files a directory given as MODEL contributes (plus Keras SavedModel directories)
 MODEL_SUFFIXES = (".onnx", ".keras", ".h5", ".hdf5")
@@ -109,10 +116,13 @@ def worst_exit_code(runs: Iterable[ModelRun]) -> int:
     return max((r.exit_code for r in runs), default=0)
 
 
-def _report_paths(source: Path, report_dir: Path | None) -> tuple[Path, ...]:
+def report_paths(source: Path, report_dir: Path | None) -> tuple[Path, ...]:
+    """The reports of ``source`` in ``report_dir``: ``NAME.md``, ``NAME.json`` and, with
+    the ``html`` extra installed, ``NAME.html`` (NAME: the model's file name)."""
     if report_dir is None:
         return ()
-    return (report_dir / f"{source.name}.md", report_dir / f"{source.name}.json")
+    suffixes = (".md", ".json", ".html") if html_available() else (".md", ".json")
+    return tuple(report_dir / f"{source.name}{suffix}" for suffix in suffixes)
 
 
 def fuse_one(
@@ -126,7 +136,7 @@ def fuse_one(
     except KeyboardInterrupt). Runs in a worker process when ``jobs > 1``."""
     from bnfuse import api
 
-    reports = _report_paths(source, report_dir)
+    reports = report_paths(source, report_dir)
     opts = options.replace(reports=options.reports + reports)
     start = time.perf_counter()
     result: FuseResult | None = None
@@ -183,7 +193,8 @@ def fuse_many(
             keyword arguments (``validate=False``...) like :func:`bnfuse.fuse`.
         jobs: how many models are fused at once, each in its own process.
         fail_fast: stop at the first model that fails; the rest are ``skipped``.
-        report_dir: write ``NAME.md`` and ``NAME.json`` per model there (created).
+        report_dir: write ``NAME.md``, ``NAME.json`` (and ``NAME.html`` with the ``html``
+            extra) per model there (created).
         progress: ``(description, models done, models in all)``.
         on_result: called with each :class:`ModelRun` as soon as it is done.
 

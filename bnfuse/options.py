@@ -19,7 +19,14 @@ from typing import Any
 
 from bnfuse.errors import MissingDependencyError, UsageError
 
-__all__ = ["REPORT_SUFFIXES", "OptionError", "Options", "report_format", "require_html_extra"]
+__all__ = [
+    "REPORT_SUFFIXES",
+    "OptionError",
+    "Options",
+    "html_available",
+    "report_format",
+    "require_html_extra",
+]
 
 #: Report file suffixes and the format each writes.
 REPORT_SUFFIXES: dict[str, str] = {
@@ -43,8 +50,14 @@ class OptionError(UsageError):
 def require_html_extra() -> None:
     """Raise :class:`MissingDependencyError` (exit 4) unless matplotlib, which draws the
     HTML report's charts, is installed (``bnfuse[html]``)."""
-    if importlib.util.find_spec("matplotlib") is None:
+    if not html_available():
         raise MissingDependencyError("matplotlib", "html")
+
+
+def html_available() -> bool:
+    """True when the ``html`` extra (matplotlib) is installed: a report directory then
+    also gets one HTML page per model and a summary page."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def report_format(path: str | os.PathLike[str]) -> str | None:

@@ -32,7 +32,7 @@ from bnfuse.options import require_html_extra
 from bnfuse.report_assets import CSS, SCRIPT
 from bnfuse.result import BenchResult, FuseResult, Validation
 
-__all__ = ["require_extra", "to_html", "write_html", "write_html_summary"]
+__all__ = ["require_extra", "summary_page", "to_html", "write_html", "write_html_summary"]
 
 # no fetch of any kind: the page must render the same offline, years later
 _CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
@@ -475,26 +475,37 @@ def write_html_summary(results: Sequence[FuseResult], directory: str | os.PathLi
         raise UsageError(f"{out}: directory {out.parent} does not exist")
     out.mkdir(exist_ok=True)
     used = {"index"}
-    rows = []
+    pages = []
     nav = '<nav><a href="index.html">← all models</a></nav>'
     for i, result in enumerate(results):
         page = _slug(result.source, used) + ".html"
         name = Path(result.source).name or result.source
         body = _model_body(result, f"m{i}", nav)
         _write(out / page, _page(f"bnfuse report: {name}", body))
-        rows.append(_summary_row(result, page))
+        pages.append(page)
+    index = out / "index.html"
+    _write(index, summary_page(list(zip(results, pages, strict=True))))
+    return index
+
+
+def summary_page(entries: Sequence[tuple[FuseResult, str]], failures: int = 0) -> str:
+    """The summary page of several models: one sortable row per ``(result, page)``, the
+    model linking to its own page (a relative file name). ``failures`` counts models
+    that gave no result at all (unreadable, skipped), named in the headline."""
+    results = [r for r, _ in entries]
+    rows = [_summary_row(r, page) for r, page in entries]
     head = "".join(
         f"<th>{h}</th>"
         for h in ("model", "format", "folded", "left", "parameters", "validation", "best speedup")
     )
     failed = sum(1 for r in results if not r.ok)
+    total = len(results) + failures
+    extra = f"; {failures} gave no result (see summary.md)" if failures else ""
     body = (
-        f"<h1>bnfuse report: {len(results)} models</h1>\n"
-        f'<p class="status {"bad" if failed else "good"}">'
-        f"{len(results) - failed} of {len(results)} passed validation or needed none</p>\n"
+        f"<h1>bnfuse report: {total} models</h1>\n"
+        f'<p class="status {"bad" if failed or failures else "good"}">'
+        f"{len(results) - failed} of {total} passed validation or needed none{extra}</p>\n"
         '<div class="scroll"><table class="sortable" id="models-table">'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
     )
-    index = out / "index.html"
-    _write(index, _page("bnfuse report: summary", body))
-    return index
+    return _page("bnfuse report: summary", body)

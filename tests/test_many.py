@@ -14,6 +14,8 @@ from onnx_util import GraphBuilder, count_ops
 import bnfuse
 import bnfuse.cli
 import bnfuse.cli_common
+import bnfuse.cli_many
+import bnfuse.many
 from bnfuse.cli import run
 from bnfuse.many import ModelRun, expand_models, fuse_many, worst_exit_code
 
@@ -114,8 +116,12 @@ def test_report_directory_one_report_per_model_and_a_summary(models: Path) -> No
     assert code == 0
     names = sorted(p.name for p in rep.iterdir())
     assert names == [
-        "a.onnx.json", "a.onnx.md", "b.onnx.json", "b.onnx.md", "summary.json", "summary.md",
+        "a.onnx.html", "a.onnx.json", "a.onnx.md", "b.onnx.html", "b.onnx.json", "b.onnx.md",
+        "summary.html", "summary.json", "summary.md",
     ]  # fmt: skip
+    page = (rep / "summary.html").read_text(encoding="utf-8")
+    assert 'href="a.onnx.html"' in page and 'href="b.onnx.html"' in page
+    assert "bn_left" in (rep / "a.onnx.html").read_text(encoding="utf-8")
     a = json.loads((rep / "a.onnx.json").read_text(encoding="utf-8"))
     assert a["schema"] == "bnfuse.result/1" and a["refusals"][0]["bn"] == "bn_left"
     summary = json.loads((rep / "summary.json").read_text(encoding="utf-8"))
@@ -126,6 +132,21 @@ def test_report_directory_one_report_per_model_and_a_summary(models: Path) -> No
         str(models) + "/", ""
     )
     assert not list(models.glob("*.bnfuse-tmp*"))
+
+
+def test_report_directory_without_the_html_extra_writes_markdown_and_json(
+    models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bnfuse.options
+
+    monkeypatch.setattr(bnfuse.options, "html_available", lambda: False)
+    monkeypatch.setattr(bnfuse.many, "html_available", lambda: False)
+    monkeypatch.setattr(bnfuse.cli_many, "html_available", lambda: False)
+    rep = models / "reports"
+    assert run([str(models / "a.onnx"), str(models / "dir" / "b.onnx"), "--report", str(rep)]) == 0
+    assert sorted(p.name for p in rep.iterdir()) == [
+        "a.onnx.json", "a.onnx.md", "b.onnx.json", "b.onnx.md", "summary.json", "summary.md",
+    ]  # fmt: skip
 
 
 def test_report_file_with_several_models_is_a_usage_error(models: Path) -> None:
@@ -224,6 +245,6 @@ def test_a_directory_of_keras_and_onnx_models(tmp_path: Path) -> None:
 def test_one_model_report_directory(models: Path) -> None:
     rep = models / "r"
     assert run([str(models / "a.onnx"), "--no-validate", "--report", str(rep)]) == 0
-    assert sorted(p.name for p in rep.iterdir()) == ["a.onnx.json", "a.onnx.md"]
+    assert sorted(p.name for p in rep.iterdir()) == ["a.onnx.html", "a.onnx.json", "a.onnx.md"]
     data = json.loads((rep / "a.onnx.json").read_text(encoding="utf-8"))
     assert data["schema"] == "bnfuse.result/1" and data["folds"][0]["bn"] == "bn1"
