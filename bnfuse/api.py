@@ -59,7 +59,7 @@ def get_backend(model: Any) -> tuple[Backend, Path | None]:
         suffix = path.suffix.lower()
         if suffix in ONNX_SUFFIXES:
             return _load_backend("onnx"), path
-        if suffix in KERAS_SUFFIXES:
+        if suffix in KERAS_SUFFIXES or path.is_dir():  # a dir: a (Keras 2) SavedModel
             return _load_backend("keras"), path
         raise ModelLoadError(
             f"{path}: unknown model format {suffix or '(no extension)'!r}; "
@@ -68,7 +68,7 @@ def get_backend(model: Any) -> tuple[Backend, Path | None]:
     cls = type(model)
     if cls.__module__.startswith("onnx") and cls.__name__ == "ModelProto":
         return _load_backend("onnx"), None
-    if any(c.__module__.startswith("keras") for c in cls.__mro__):
+    if any(c.__module__.startswith(("keras", "tf_keras")) for c in cls.__mro__):
         return _load_backend("keras"), None
     raise UsageError(
         f"cannot fuse a {cls.__name__}: pass a path, an onnx.ModelProto or a keras.Model"
@@ -87,7 +87,7 @@ def _check_output_path(src: Path | None, output: Path, backend: Backend) -> None
         raise UsageError(f"{output}: output would overwrite the input model; choose another path")
     if not output.parent.exists():
         raise UsageError(f"{output}: output directory {output.parent} does not exist")
-    if output.is_dir():
+    if output.is_dir() and not (output / "saved_model.pb").is_file():  # SavedModel: replaced
         raise UsageError(f"{output}: is a directory")
 
 

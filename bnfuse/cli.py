@@ -56,7 +56,9 @@ def fuse_command(
     model: Annotated[
         Path,
         typer.Argument(
-            help="Model to fuse: .onnx, .keras or .h5.", show_default=False, metavar="MODEL"
+            help="Model to fuse: .onnx, .keras, .h5 or a tf.keras SavedModel directory.",
+            show_default=False,
+            metavar="MODEL",
         ),
     ],
     output: Annotated[
@@ -64,7 +66,7 @@ def fuse_command(
         typer.Option(
             "-o",
             "--output",
-            help="Write the fused model here (.onnx, .keras, .h5).",
+            help="Write the fused model here (.onnx, .keras, .h5; a directory: SavedModel).",
             show_default=False,
         ),
     ] = None,

@@ -51,6 +51,7 @@ class Refusal:
     kind: str = "BatchNormalization"
     rule: str = ""
     scope: str = ""
+    code: str = ""  # stable reason code, see bnfuse/reasons.py
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,39 @@ def _ref(tensor: dict[str, Any]) -> TensorRef:
     return (str(h[0]), int(h[1]), int(h[2]))
 
 
+def _k2_entries(nd: Any) -> list[list[Any]] | None:
+    """The inbound tensors of a Keras 2 node (``[[layer, node, tensor, kwargs], ...]``),
+    or None for a Keras 3 node (a dict of ``args``/``kwargs``)."""
+    if isinstance(nd, list) and all(
+        isinstance(t, list) and len(t) >= 3 and isinstance(t[0], str) for t in nd
+    ):
+        return nd
+    return None
+
+
+def _k2_kwargs(entry: list[Any]) -> dict[str, Any]:
+    kw = entry[3] if len(entry) > 3 and isinstance(entry[3], dict) else {}
+    return kw
+
+
+def _k2_leaf_lists(struct: Any) -> Iterator[list[Any]]:
+    """The mutable ``[layer, node, tensor]`` lists inside Keras 2 call kwargs."""
+    if isinstance(struct, list) and _is_leaf_ref(struct):
+        yield struct
+    elif isinstance(struct, dict):
+        for v in struct.values():
+            yield from _k2_leaf_lists(v)
+    elif isinstance(struct, list):
+        for v in struct:
+            yield from _k2_leaf_lists(v)
+
+
+def _retarget(ref: list[Any], name: str, replacement: dict[int, TensorRef]) -> None:
+    """Point a Keras 2 tensor reference at ``name``'s node ``k`` to ``replacement[k]``."""
+    if ref[0] == name and ref[2] == 0 and ref[1] in replacement:
+        ref[0], ref[1], ref[2] = replacement[ref[1]]
+
+
 def _is_leaf_ref(obj: Any) -> bool:
     return (
         isinstance(obj, list | tuple)
@@ -148,6 +181,10 @@ class Scope:
         off = self._node_offset.get(name, 0)
         lst = []
         for k, nd in enumerate(e.get("inbound_nodes", [])):
+            k2 = _k2_entries(nd)
+            if k2 is not None:
+                lst.append(self._parse_k2(e, name, k + off, k2))
+                continue
             args = nd.get("args", []) if isinstance(nd, dict) else []
             kwargs = nd.get("kwargs", {}) if isinstance(nd, dict) else {}
             tensors = list(_walk_tensors(args)) + list(_walk_tensors(kwargs))
@@ -162,6 +199,17 @@ class Scope:
                 Node(name, k + off, [_ref(t) for t in tensors], primary, dict(kwargs), shape)
             )
         return lst
+
+    @staticmethod
+    def _parse_k2(e: dict[str, Any], name: str, index: int, entries: list[list[Any]]) -> Node:
+        """One Keras 2 call node: tensors are ``[layer, node, tensor]`` lists, also inside
+        the first entry's kwargs (TFOpLambda); the input shape comes from ``build_config``."""
+        refs: list[TensorRef] = [(str(t[0]), int(t[1]), int(t[2])) for t in entries]
+        kwargs = _k2_kwargs(entries[0]) if entries else {}
+        refs += list(_walk_refs(kwargs))
+        primary = refs[0] if len(refs) == 1 else None
+        shape = _shape((e.get("build_config") or {}).get("input_shape")) if primary else None
+        return Node(name, index, refs, primary, dict(kwargs), shape)
 
     def _build(self) -> dict[str, list[Node]]:
         if self._cache is not None:
@@ -257,6 +305,11 @@ class Scope:
         del cache[name]
         for lname in affected:
             e = self.entry(lname)
+            for nd in e.get("inbound_nodes", []):
+                for entry in _k2_entries(nd) or ():
+                    _retarget(entry, name, replacement)
+                    for ref in _k2_leaf_lists(_k2_kwargs(entry)):
+                        _retarget(ref, name, replacement)
             for t in _walk_tensors(e.get("inbound_nodes", [])):
                 r = _ref(t)
                 if r[0] == name and r[2] == 0 and r[1] in replacement:
@@ -281,7 +334,11 @@ class Scope:
             new["name"] = name
             # the BN's call kwargs (mask, training) mean nothing to an Identity
             new["inbound_nodes"] = [
-                {"args": nd.get("args", []), "kwargs": {}} if isinstance(nd, dict) else nd
+                {"args": nd.get("args", []), "kwargs": {}}
+                if isinstance(nd, dict)
+                else [[*t[:3], {}] for t in nd]
+                if _k2_entries(nd) is not None
+                else nd
                 for nd in e.get("inbound_nodes", [])
             ]
         e.clear()

@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import keras
 import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.fold import Affine, channel_map, fold_backward, fold_forward
+from bnfuse.keras.compat import flavor_of_class
 
 __all__ = [
     "BACKWARD_RULES",
@@ -93,11 +93,15 @@ class Kind:
     """A linear layer kind and its weight layout."""
 
     key: str
-    types: tuple[type, ...]
+    types: tuple[str, ...]  # class names, the same in Keras 3 and Keras 2
     kernel: str  # the variable the output channels live in (backward fold)
 
     def matches(self, layer: Any) -> bool:
-        return type(layer) in self.types
+        cls = type(layer)
+        if cls.__name__ not in self.types:
+            return False
+        fl = flavor_of_class(cls)
+        return fl is not None and cls in fl.classes(self.types)
 
     def channel_axis(self, layer: Any, rank: int) -> int:
         """Axis of the channels in this layer's input and output tensors (of ``rank``)."""
@@ -208,14 +212,13 @@ class Kind:
 
 
 def _kinds() -> dict[str, Kind]:
-    L = keras.layers
     return {
-        "dense": Kind("dense", (L.Dense,), "kernel"),
-        "conv": Kind("conv", (L.Conv1D, L.Conv2D, L.Conv3D), "kernel"),
-        "depthwise": Kind("depthwise", (L.DepthwiseConv1D, L.DepthwiseConv2D), "kernel"),
-        "separable": Kind("separable", (L.SeparableConv1D, L.SeparableConv2D), "pointwise_kernel"),
+        "dense": Kind("dense", ("Dense",), "kernel"),
+        "conv": Kind("conv", ("Conv1D", "Conv2D", "Conv3D"), "kernel"),
+        "depthwise": Kind("depthwise", ("DepthwiseConv1D", "DepthwiseConv2D"), "kernel"),
+        "separable": Kind("separable", ("SeparableConv1D", "SeparableConv2D"), "pointwise_kernel"),
         "transpose": Kind(
-            "transpose", (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose), "kernel"
+            "transpose", ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"), "kernel"
         ),
     }
 
