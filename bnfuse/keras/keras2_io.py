@@ -117,8 +117,9 @@ def save(model: Any, path: Path) -> list[str]:
             with atomic_dir(path) as tmp:
                 model.save(str(tmp), save_format="tf", include_optimizer=False)
         else:
+            extra = {"include_optimizer": False} if fmt == "h5" else {}
             with atomic_path(path) as tmp:
-                model.save(str(tmp), save_format=fmt, include_optimizer=False)
+                model.save(str(tmp), save_format=fmt, **extra)
     return []
 
 
