@@ -193,6 +193,10 @@ class Flavor:
                     raise ValueError(f"layer '{n.name}' changed its variables when rebuilt")
                 for a, b in zip(ow, nw, strict=True):
                     b.assign(a)
+                if ow and hasattr(n, "finalize_state"):
+                    # an adapted preprocessing layer (Normalization) derives the tensors it
+                    # computes with from its variables here, as tf_keras's loader does
+                    n.finalize_state()
             else:
                 store: dict[str, Any] = {}
                 o.save_own_variables(store)

@@ -273,6 +273,8 @@ class _Pass:
         for bn in self.bns:
             if bn.key in done:
                 continue
+            if bn.kind != "BatchNormalization" and not self._next_is_linear(bn):
+                continue  # a Rescaling/Normalization with nothing to fold into: not news
             if bn.key in refused:
                 reason, code = refused[bn.key]
                 refusals.append(
@@ -494,6 +496,23 @@ class _Pass:
             scope=s.path,
         )
         return att
+
+    def _next_is_linear(self, bn: _BN) -> bool:
+        """Does a linear layer (or a Flatten into one) take this layer's output?"""
+        s = bn.scope
+        for n in s.nodes(bn.name):
+            for u in s.consumers(n.output(0)):
+                layer = s.live_layer(u.layer)
+                if layer is None:
+                    continue
+                if R.forward_rule_for(layer) is not None:
+                    return True
+                if self._flatten_like(layer) is not None and any(
+                    (f := s.live_layer(c.layer)) is not None and R.KINDS["dense"].matches(f)
+                    for c in s.consumers(u.output(0))
+                ):
+                    return True
+        return False
 
     def _forward_targets(self, bn: _BN, user: Node) -> str | tuple[R.Rule, list[_Plan | str]]:
         """The rule that matched and, per layer ``user`` leads to, a plan or why that layer

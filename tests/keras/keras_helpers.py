@@ -131,7 +131,8 @@ def check_fused(
     got_refusals = {r.bn: r.reason for r in res.refusals}
     assert got_folds == folds, (got_folds, got_refusals)
     assert got_refusals == refusals, got_refusals
-    assert bn_names(res.model) == set(refusals)
+    # refused BNs remain (refused Normalization/Rescaling layers: checked by their tests)
+    assert bn_names(res.model) == {r.bn for r in res.refusals if r.kind == "BatchNormalization"}
     assert res.model is not model
     after_w = weights_snapshot(model)
     assert before_w.keys() == after_w.keys()
