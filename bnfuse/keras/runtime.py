@@ -175,7 +175,11 @@ def model_stats(model: Any, path: Path | None = None) -> ModelStats:
         trainable = _count(model.trainable_weights)
         non_trainable = _count(model.non_trainable_weights)
     bns = sum(1 for layer in fl.flatten_layers(model, include_self=False) if fl.is_bn(layer))
-    size = Path(path).stat().st_size if path is not None and Path(path).is_file() else None
+    size = None
+    if path is not None and Path(path).is_file():
+        size = Path(path).stat().st_size
+    elif path is not None and Path(path).is_dir():  # a SavedModel directory: every file in it
+        size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
     return ModelStats(
         nodes=len(_leaf_layers(model)),
         bn_nodes=bns,

@@ -4,6 +4,7 @@ documented exit code, nothing written)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -162,9 +163,13 @@ def test_api_takes_and_returns_tf_keras_models(files: dict[str, Any]) -> None:
 
 def test_cli_savedmodel_dir_in_and_out(files: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "fused_sm"
-    r = runner.invoke(app, [str(files["savedmodel"]), "-o", str(out), "--samples", "1"])
+    r = runner.invoke(app, [str(files["savedmodel"]), "-o", str(out), "--samples", "1", "--json"])
     assert r.exit_code == 0, r.output
     assert (out / "saved_model.pb").is_file() and (out / "keras_metadata.pb").is_file()
+    report = json.loads(r.stdout)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert report["after"]["file_size"] == size  # a directory's size: all its files'
+    assert report["before"]["file_size"] > 0
 
 
 # --------------------------------------------------------------------------- bad input
