@@ -36,8 +36,8 @@ class Flavor:
         if version == 2:
             try:
                 import tf_keras
-            except ModuleNotFoundError:
-                raise MissingDependencyError("tf-keras (Keras 2)", "keras") from None
+            except ModuleNotFoundError as exc:
+                raise _missing(exc, "tf-keras (Keras 2)") from None
             self.module: Any = tf_keras
             from tf_keras.src.engine import functional
 
@@ -45,8 +45,10 @@ class Flavor:
             self.functional_cls: type = functional.Functional
             self.label = f"Keras 2 (tf_keras {tf_keras.__version__})"
         else:
-            import keras
-
+            try:
+                import keras
+            except ModuleNotFoundError as exc:
+                raise _missing(exc, "keras") from None
             self.module = keras
             self._functional_mod = None
             self.functional_cls = keras.src.models.functional.Functional
@@ -226,6 +228,12 @@ class Flavor:
         """Is ``module`` part of this Keras (not user code)?"""
         root = "tf_keras" if self.version == 2 else "keras"
         return module == root or module.startswith(root + ".")
+
+
+def _missing(exc: ModuleNotFoundError, package: str) -> MissingDependencyError:
+    """The extra to install for a failed Keras import (TensorFlow itself, or ``package``)."""
+    root = (exc.name or "").split(".")[0]
+    return MissingDependencyError("tensorflow" if root == "tensorflow" else package, "keras")
 
 
 _FLAVORS: dict[int, Flavor] = {}

@@ -105,13 +105,28 @@ def _umask() -> int:
     return 0o022
 
 
+@contextmanager
+def _quiet_tf_log() -> Iterator[None]:
+    """tf_keras's HDF5 writer logs a warning about compiled metrics for every uncompiled
+    model (it tries to build them and fails): noise for a model bnfuse never compiles."""
+    import logging
+
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def save(model: Any, path: Path) -> list[str]:
     """Write a Keras 2 model to ``path`` in the format its suffix names; returns notes."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return export_onnx(model, path)
     fmt = _format_for(path)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_tf_log():
         warnings.simplefilter("ignore")  # tf_keras warns that .h5 is a legacy format
         if fmt == "tf":
             with atomic_dir(path) as tmp:
