@@ -176,6 +176,15 @@ class Flavor:
             names.append(getattr(op, "name", None) or getattr(t, "name", None) or f"input_{i}")
         return names
 
+    def input_signature(self, model: Any) -> Any:
+        """Keras 3's export input signature of ``model`` (None where it cannot say)."""
+        try:
+            from keras.src.export.export_utils import get_input_signature
+
+            return get_input_signature(model)
+        except Exception:
+            return None
+
     # -- layers and variables --------------------------------------------------------
 
     def flatten_layers(self, layer: Any, include_self: bool = True) -> list[Any]:

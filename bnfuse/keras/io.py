@@ -141,12 +141,7 @@ def save_model(model: Any, path: Path) -> list[str]:
 
 
 def _input_signature(model: Any) -> Any:
-    try:
-        from keras.src.export.export_utils import get_input_signature
-
-        return get_input_signature(model)
-    except Exception:
-        return None
+    return flavor_of(model).input_signature(model)
 
 
 def _onnx_backend() -> Any:

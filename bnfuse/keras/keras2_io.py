@@ -156,9 +156,11 @@ def export_onnx(model: Any, path: Path) -> list[str]:
         for n, t in zip(names, model.inputs, strict=True)
     ]
 
+    pack = tf.autograph.experimental.do_not_convert(fl.pack_inputs)
+
     @tf.function(input_signature=sig)
     def call(*xs: Any) -> Any:
-        return model(fl.pack_inputs(model, list(xs)), training=False)
+        return model(pack(model, list(xs)), training=False)
 
     fd, raw = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".export.onnx", dir=path.parent)
     os.close(fd)

@@ -125,7 +125,10 @@ def bench_targets(model: Any, threads: int) -> list[BenchTarget]:
 
     def prepare_function() -> Callable[[Mapping[str, np.ndarray]], Any]:
         # the first call traces (timed by the benchmark as the first run)
-        fn = tf.function(lambda *xs: model(_pack(model, list(xs)), training=False))
+        # bnfuse's own packing runs as plain Python while tracing (autograph would
+        # rewrite bnfuse's code, and needs not: it has no tensor-dependent control flow)
+        pack = tf.autograph.experimental.do_not_convert(_pack)
+        fn = tf.function(lambda *xs: model(pack(model, list(xs)), training=False))
 
         def call(feeds: Mapping[str, np.ndarray]) -> Any:
             return _to_numpy(fn(*[feeds[n] for n in names]))
