@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("tensorflow")
 
@@ -19,6 +21,7 @@ import keras
 from keras_helpers import assert_same_outputs, check_fused, randomize, sample_inputs
 
 import bnfuse
+from bnfuse.keras.affines import flat_index
 from bnfuse.keras.rules import PADDING_REASON
 
 pytestmark = pytest.mark.keras
@@ -278,3 +281,41 @@ def test_inverted_normalization_is_refused(K: Any) -> None:
         model, refusals={"bn": "Normalization with invert=True (not a forward affine)"}
     )
     assert res.refusals[0].kind == "Normalization"
+
+
+@pytest.mark.parametrize("K", K2)
+@pytest.mark.parametrize("axis", [[1, 2], [1, 3], [2, 3], [1, 2, 3]])
+def test_list_axis_bn_through_channels_first_flatten(K: Any, axis: list[int]) -> None:
+    L = K.layers
+    model = randomize(
+        chain(
+            K,
+            (3, 4, 5),
+            L.BatchNormalization(axis=axis, name="bn"),
+            L.Flatten(data_format="channels_first", name="flat"),
+            L.Dense(4, name="lin"),
+        ),
+        seed=len(axis),
+    )
+    check_fused(model, folds={"bn": fwd(rule="bn-flatten-dense")})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dims=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    mask=st.lists(st.booleans(), min_size=4, max_size=4),
+    channels_first=st.booleans(),
+)
+def test_flat_index_matches_broadcast_then_flatten(
+    dims: list[int], mask: list[bool], channels_first: bool
+) -> None:
+    """An affine over ``axes``, broadcast over the input and flattened as Flatten does,
+    is the affine's vector gathered at flat_index."""
+    axes = tuple(i + 1 for i in range(len(dims)) if mask[i])
+    pshape = [d if i + 1 in axes else 1 for i, d in enumerate(dims)]
+    param = np.arange(int(np.prod(pshape)), dtype=np.int64).reshape(pshape) * 7 + 3
+    full = np.broadcast_to(param, dims)
+    if channels_first and len(dims) > 1:
+        full = np.moveaxis(full, 0, -1)
+    idx = flat_index(tuple(dims), axes, channels_first)
+    np.testing.assert_array_equal(full.reshape(-1), param.reshape(-1)[idx])
