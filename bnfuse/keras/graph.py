@@ -60,31 +60,42 @@ def _ref(tensor: dict[str, Any]) -> TensorRef:
     return (str(h[0]), int(h[1]), int(h[2]))
 
 
-def _k2_entries(nd: Any) -> list[list[Any]] | None:
-    """The inbound tensors of a Keras 2 node (``[[layer, node, tensor, kwargs], ...]``),
-    or None for a Keras 3 node (a dict of ``args``/``kwargs``)."""
-    if isinstance(nd, list) and all(
-        isinstance(t, list) and len(t) >= 3 and isinstance(t[0], str) for t in nd
-    ):
-        return nd
-    return None
+def _is_k2_ref(obj: Any) -> bool:
+    """A Keras 2 tensor reference: ``[layer, node, tensor]`` or ``[..., call kwargs]``."""
+    return (
+        isinstance(obj, list)
+        and len(obj) in (3, 4)
+        and isinstance(obj[0], str)
+        and isinstance(obj[1], int)
+        and isinstance(obj[2], int)
+        and (len(obj) == 3 or isinstance(obj[3], dict))
+    )
 
 
-def _k2_kwargs(entry: list[Any]) -> dict[str, Any]:
-    kw = entry[3] if len(entry) > 3 and isinstance(entry[3], dict) else {}
-    return kw
+def _k2_refs(struct: Any) -> Iterator[list[Any]]:
+    """Every (mutable) tensor reference in a Keras 2 node, in order, kwargs included.
 
-
-def _k2_leaf_lists(struct: Any) -> Iterator[list[Any]]:
-    """The mutable ``[layer, node, tensor]`` lists inside Keras 2 call kwargs."""
-    if isinstance(struct, list) and _is_leaf_ref(struct):
+    A Keras 2 node is a list of ``[layer, node, tensor, kwargs]`` entries, or, for a
+    TFOpLambda called on one tensor, that one entry itself; tensors in the kwargs are
+    ``[layer, node, tensor]`` lists."""
+    if _is_k2_ref(struct):
         yield struct
+        if len(struct) == 4:
+            yield from _k2_refs(struct[3])
     elif isinstance(struct, dict):
         for v in struct.values():
-            yield from _k2_leaf_lists(v)
+            yield from _k2_refs(v)
     elif isinstance(struct, list):
         for v in struct:
-            yield from _k2_leaf_lists(v)
+            yield from _k2_refs(v)
+
+
+def _k2_kwargs(nd: list[Any]) -> dict[str, Any]:
+    """The call kwargs of a Keras 2 node (those of its first entry)."""
+    first = nd if _is_k2_ref(nd) else (nd[0] if nd and _is_k2_ref(nd[0]) else None)
+    if first is not None and len(first) == 4:
+        return dict(first[3])
+    return {}
 
 
 def _retarget(ref: list[Any], name: str, replacement: dict[int, TensorRef]) -> None:
@@ -181,9 +192,8 @@ class Scope:
         off = self._node_offset.get(name, 0)
         lst = []
         for k, nd in enumerate(e.get("inbound_nodes", [])):
-            k2 = _k2_entries(nd)
-            if k2 is not None:
-                lst.append(self._parse_k2(e, name, k + off, k2))
+            if isinstance(nd, list):  # Keras 2 (Keras 3 nodes are dicts)
+                lst.append(self._parse_k2(e, name, k + off, nd))
                 continue
             args = nd.get("args", []) if isinstance(nd, dict) else []
             kwargs = nd.get("kwargs", {}) if isinstance(nd, dict) else {}
@@ -201,12 +211,11 @@ class Scope:
         return lst
 
     @staticmethod
-    def _parse_k2(e: dict[str, Any], name: str, index: int, entries: list[list[Any]]) -> Node:
-        """One Keras 2 call node: tensors are ``[layer, node, tensor]`` lists, also inside
-        the first entry's kwargs (TFOpLambda); the input shape comes from ``build_config``."""
-        refs: list[TensorRef] = [(str(t[0]), int(t[1]), int(t[2])) for t in entries]
-        kwargs = _k2_kwargs(entries[0]) if entries else {}
-        refs += list(_walk_refs(kwargs))
+    def _parse_k2(e: dict[str, Any], name: str, index: int, nd: list[Any]) -> Node:
+        """One Keras 2 call node (see :func:`_k2_refs`); the input shape comes from
+        ``build_config``."""
+        refs: list[TensorRef] = [(str(t[0]), int(t[1]), int(t[2])) for t in _k2_refs(nd)]
+        kwargs = _k2_kwargs(nd)
         primary = refs[0] if len(refs) == 1 else None
         shape = _shape((e.get("build_config") or {}).get("input_shape")) if primary else None
         return Node(name, index, refs, primary, dict(kwargs), shape)
@@ -306,9 +315,8 @@ class Scope:
         for lname in affected:
             e = self.entry(lname)
             for nd in e.get("inbound_nodes", []):
-                for entry in _k2_entries(nd) or ():
-                    _retarget(entry, name, replacement)
-                    for ref in _k2_leaf_lists(_k2_kwargs(entry)):
+                if isinstance(nd, list):
+                    for ref in _k2_refs(nd):
                         _retarget(ref, name, replacement)
             for t in _walk_tensors(e.get("inbound_nodes", [])):
                 r = _ref(t)
@@ -336,9 +344,7 @@ class Scope:
             new["inbound_nodes"] = [
                 {"args": nd.get("args", []), "kwargs": {}}
                 if isinstance(nd, dict)
-                else [[*t[:3], {}] for t in nd]
-                if _k2_entries(nd) is not None
-                else nd
+                else [[*t[:3], {}] for t in nd if _is_k2_ref(t)]
                 for nd in e.get("inbound_nodes", [])
             ]
         e.clear()

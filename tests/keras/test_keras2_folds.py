@@ -121,3 +121,29 @@ def test_keras2_bn_variants(bn: Any) -> None:
     assert flavor_of(res.model).version == 2
     xs = sample_inputs(model, batch=4)
     assert np.asarray(res.model(xs[0], training=False)).shape == (4, 4, 4, 3)
+
+
+def test_tf_ops_in_a_keras2_functional_model() -> None:
+    """Keras 2 records raw TensorFlow calls as TFOpLambda layers whose config nodes take
+    other forms (one entry not wrapped in a list, tensors inside the call kwargs): a BN
+    whose output reaches one only through its kwargs still folds, and is rewired."""
+    import tensorflow as tf
+
+    i = tf_keras.Input((6,), name="x")
+    a = L2.Dense(5, name="da")(i)
+    b = L2.BatchNormalization(name="bn")(L2.Dense(5, name="lin")(i))
+    c = tf.math.add(a, b)  # b is the "y" kwarg of the TFOpLambda node
+    d = L2.BatchNormalization(name="bn2")(L2.Dense(3, name="lin2")(c))
+    model = randomize(tf_keras.Model(i, tf.nn.relu(d)))
+    nodes = {
+        e["name"]: e["inbound_nodes"]
+        for e in model.get_config()["layers"]
+        if e["class_name"] == "TFOpLambda"
+    }
+    assert nodes["tf.math.add"] == [["da", 0, 0, {"y": ["bn", 0, 0]}]]
+    res = check_fused(
+        model,
+        folds={"bn": ("lin", "dense-bn", "backward"), "bn2": ("lin2", "dense-bn", "backward")},
+    )
+    cfg = {e["name"]: e for e in res.model.get_config()["layers"]}
+    assert cfg["tf.math.add"]["inbound_nodes"] == [["da", 0, 0, {"y": ["lin", 0, 0]}]]
