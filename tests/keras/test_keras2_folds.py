@@ -22,7 +22,7 @@ pytest.importorskip("tf_keras")
 
 import test_keras_folds as K3
 import tf_keras
-from keras_helpers import check_fused, randomize, sample_inputs
+from keras_helpers import check_fused, fuse, randomize, sample_inputs
 
 import bnfuse
 from bnfuse.keras.compat import flavor_of
@@ -147,3 +147,31 @@ def test_tf_ops_in_a_keras2_functional_model() -> None:
     )
     cfg = {e["name"]: e for e in res.model.get_config()["layers"]}
     assert cfg["tf.math.add"]["inbound_nodes"] == [["da", 0, 0, {"y": ["lin", 0, 0]}]]
+
+
+def test_keras2_mixed_precision_and_float16_overflow() -> None:
+    """Keras 2 dtype policies: float32 variables under mixed_float16 fold and keep their
+    policy; a float16 fold that would overflow is refused as in Keras 3."""
+    mp = "mixed_float16"
+    x = inp = tf_keras.Input((8, 8, 3), name="x")
+    x = L2.Conv2D(4, 3, use_bias=False, dtype=mp, name="conv")(x)
+    x = L2.BatchNormalization(dtype=mp, name="bn1")(x)
+    x = L2.Flatten(dtype=mp, name="flat")(L2.ReLU(dtype=mp, name="relu")(x))
+    x = L2.Dense(5, dtype=mp, name="dense")(x)
+    model = randomize(tf_keras.Model(inp, L2.Activation("linear", dtype="float32")(x)))
+    res = check_fused(model, folds={"bn1": ("conv", "conv-bn", "backward")}, rtol=1e-2)
+    conv = res.model.get_layer("conv")
+    assert conv.dtype_policy.name == mp and all(v.dtype == "float32" for v in conv.weights)
+
+    x16 = tf_keras.Input((4,), name="x", dtype="float16")
+    y = L2.Dense(3, dtype="float16", name="lin")(x16)
+    m16 = tf_keras.Model(x16, L2.BatchNormalization(dtype="float16", name="bn")(y))
+    m16.get_layer("lin").set_weights([np.full((4, 3), 100.0), np.zeros(3)])
+    m16.get_layer("bn").set_weights(
+        [np.full(3, 1000.0), np.zeros(3), np.zeros(3), np.full(3, 1e-6)]
+    )
+    m16.get_layer("bn").epsilon = 0.0
+    got = fuse(m16)
+    assert [(r.bn, r.reason) for r in got.refusals] == [
+        ("bn", "folded weights of 'lin' overflow float16")
+    ]
