@@ -32,7 +32,6 @@ __all__ = [
     "Kind",
     "Rule",
     "backward_rule_for",
-    "flatten_channel_index",
     "forward_rule_for",
     "rule_by_name",
     "rule_names",
@@ -318,25 +317,6 @@ def forward_rule_for(layer: Any, via_flatten: bool = False) -> Rule | None:
         if r.via_flatten == via_flatten and r.kind.matches(layer):
             return r
     return None
-
-
-def flatten_channel_index(
-    in_shape: tuple[int, ...], axis: int, channels_first: bool
-) -> NDArray[np.int64]:
-    """BN channel of every feature that Flatten produces from an input of ``in_shape``.
-
-    ``in_shape`` excludes the batch dimension; ``axis`` is the BN axis counted with the
-    batch dimension (>= 1). Mirrors ``keras.layers.Flatten``: channels_first inputs are
-    transposed to channels_last before the row-major flatten.
-    """
-    dims = tuple(in_shape)
-    a = axis - 1
-    shape = [1] * len(dims)
-    shape[a] = dims[a]
-    idx = np.broadcast_to(np.arange(dims[a], dtype=np.int64).reshape(shape), dims)
-    if channels_first and len(dims) > 1:
-        idx = np.transpose(idx, (*range(1, len(dims)), 0))
-    return np.ascontiguousarray(idx).reshape(-1)
 
 
 def layer_refusal(layer: Any) -> str | None:
