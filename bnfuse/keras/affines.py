@@ -119,7 +119,10 @@ def _broadcast_affine(
 
 def _normalization(fl: Flavor, layer: Any, out: LayerAffine, shape: tuple[int | None, ...]) -> None:
     if getattr(layer, "invert", False):
-        out.reason, out.code = "Normalization with invert=True (not a forward affine)", "other"
+        out.reason, out.code = (
+            "Normalization with invert=True (not a forward affine)",
+            "unsupported-layer",
+        )
         return
     mean = getattr(layer, "mean", None)
     var = getattr(layer, "variance", None)
@@ -140,7 +143,7 @@ def _rescaling(fl: Flavor, layer: Any, out: LayerAffine, shape: tuple[int | None
         out.reason, out.code = "Rescaling scale/offset are not constant numbers", "not-constant"
         return
     if (s.ndim or t.ndim) and getattr(layer, "data_format", "channels_last") == "channels_first":
-        out.reason, out.code = "per-channel Rescaling with channels_first data", "other"
+        out.reason, out.code = "per-channel Rescaling with channels_first data", "unsupported-layer"
         return
     _broadcast_affine(s, t, shape, out, "Rescaling")
 
@@ -191,7 +194,7 @@ def layer_affine(fl: Flavor, layer: Any, kind: str, shape: Any) -> LayerAffine:
     out.dims = tuple(int(d) for d in dims if d is not None)
     if math.prod(out.dims) != out.aff.channels:
         out.reason = f"{kind} has {out.aff.channels} parameters for axes {list(out.axes)}"
-        out.code, out.aff = "other", None
+        out.code, out.aff = "axis-mismatch", None
     return out
 
 

@@ -31,7 +31,7 @@ from bnfuse.keras import rules as R
 from bnfuse.keras.affines import affine_kind, flat_index, layer_affine
 from bnfuse.keras.compat import Flavor, flavor_of
 from bnfuse.keras.graph import INPUT, Node, Scope
-from bnfuse.reasons import EXCLUDED, overflow, refusal
+from bnfuse.reasons import EXCLUDED, code_for, overflow, refusal
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
@@ -309,7 +309,7 @@ class _Pass:
         code = ""
         if back.candidate and fwd.candidate:
             reason = f"{back.reason}; forward: {fwd.reason}"
-            rule, code = back.rule, back.code or fwd.code
+            rule, code = back.rule, back.code  # else the combined sentence's code
         elif back.candidate:
             reason, rule, code = back.reason or "", back.rule, back.code
         elif fwd.candidate:
@@ -722,9 +722,7 @@ def _forward_code(reason: str) -> str:
         return "padding"
     if "channel axis" in reason:
         return "axis-mismatch"
-    if "not a linear layer" in reason or "not followed by Dense" in reason:
-        return "no-partner"
-    return "other"
+    return code_for(reason)
 
 
 def _iter_affines(fl: Flavor, model: Any) -> Iterator[Any]:

@@ -5,7 +5,8 @@ with ``training=False`` feed by feed and reduced at once into
 :class:`~bnfuse.stats.Moments`. Data are channels-last, as the model takes them.
 
 Sites are the BN layers of the top-level graph called exactly once; BNs inside nested
-models or other layers are reported as not checked by :mod:`bnfuse.calibrate`.
+models or other layers are reported as not checked by :mod:`bnfuse.calibrate`. Keras 3 and
+Keras 2 (``tf_keras``) models alike, through :mod:`bnfuse.keras.compat`.
 """
 
 from __future__ import annotations
@@ -13,31 +14,37 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import keras
 import numpy as np
 
 from bnfuse.backend import FuseOptions
 from bnfuse.keras import fuse as _fuse
 from bnfuse.keras import rules as _rules
+from bnfuse.keras.compat import Flavor, flavor_of
 from bnfuse.keras.runtime import input_names
 from bnfuse.stats import Moments, Site
 
 __all__ = ["KerasCollector"]
 
 
-def _np(v: Any) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(v))
-
-
 def _history(t: Any) -> tuple[Any, Any] | None:
     hist = getattr(t, "_keras_history", None)
     if hist is None:
         return None
-    op = hist.operation
+    op = getattr(hist, "operation", None) or getattr(hist, "layer", None)  # Keras 3 / 2
     nodes = getattr(op, "_inbound_nodes", [])
     if hist.node_index >= len(nodes):
         return None
     return op, nodes[hist.node_index]
+
+
+def _node_inputs(node: Any) -> list[Any]:
+    """The tensors a Keras node was called with: Keras 2's ``keras_inputs`` (its
+    ``input_tensors`` of an InputLayer's node is that layer's own output, which would make
+    the walk below loop), else Keras 3's ``input_tensors``."""
+    tensors = getattr(node, "keras_inputs", None)
+    if tensors is None:
+        tensors = getattr(node, "input_tensors", [])
+    return list(tensors) if isinstance(tensors, list | tuple) else [tensors]
 
 
 class KerasCollector:
@@ -46,7 +53,8 @@ class KerasCollector:
 
     def __init__(self, model: Any) -> None:
         self.sites: list[Site] = []
-        bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+        self.fl: Flavor = flavor_of(model)
+        bns = [la for la in model.layers if self.fl.is_bn(la)]
         ids = {id(la) for la in bns}
         memo: dict[int, int] = {}
 
@@ -59,11 +67,11 @@ class KerasCollector:
                     stack.pop()
                     continue
                 op, node = found
-                hists = [_history(x) for x in node.input_tensors]
+                hists = [_history(x) for x in _node_inputs(node)]
                 ins = [h for h in hists if h is not None]
                 pending = [
                     x
-                    for x, h in zip(node.input_tensors, hists, strict=True)
+                    for x, h in zip(_node_inputs(node), hists, strict=True)
                     if h is not None and id(h[1]) not in memo
                 ]
                 if pending:
@@ -83,16 +91,16 @@ class KerasCollector:
         """BNs inside nested models and other layers: sites that are not run (their
         weights alone are still checked)."""
         for la in model.layers:
-            if isinstance(la, keras.layers.BatchNormalization):
+            if self.fl.is_bn(la):
                 if path:
                     self._add_site(la, None, f"inside nested model '{path}': not run", path)
                 continue
             scope = f"{path}/{la.name}" if path else la.name
-            if isinstance(la, keras.Model) and hasattr(la, "layers"):
+            if isinstance(la, self.fl.model_cls) and hasattr(la, "layers"):
                 self._inner(la, scope)
                 continue
-            for sub in la._flatten_layers(include_self=False):
-                if isinstance(sub, keras.layers.BatchNormalization):
+            for sub in self.fl.flatten_layers(la, False):
+                if self.fl.is_bn(sub):
                     self._add_site(sub, None, f"inside layer '{scope}': not run", scope)
 
     def _add_site(self, layer: Any, depth: Any, reason: str = "", scope: str = "") -> None:
@@ -100,21 +108,22 @@ class KerasCollector:
         calls = len(getattr(layer, "_inbound_nodes", []))
         if reason:
             pass
-        elif type(layer) is not keras.layers.BatchNormalization:
+        elif not self.fl.is_plain_bn(layer):
             reason = f"subclass of BatchNormalization ({type(layer).__name__})"
         elif calls != 1:
             reason = f"shared layer (called {calls} times)"
         else:
             d = depth(layer.output)
-        axis = layer.axis
+        axis = self.fl.bn_axis(layer)
         keep = tuple(int(a) for a in axis) if isinstance(axis, list | tuple) else (int(axis),)
+        _np = self.fl.to_numpy
         mean = _np(layer.moving_mean)
         self.sites.append(
             Site(
                 name=layer.name,
                 keep=keep,
                 channels=int(mean.size),
-                eps=float(layer.epsilon),
+                eps=self.fl.bn_epsilon(layer),
                 mean=mean,
                 var=_np(layer.moving_variance),
                 gamma=_np(layer.gamma) if layer.scale else None,
@@ -130,7 +139,7 @@ class KerasCollector:
     ) -> dict[str, Moments]:
         """Moments of the inputs of the BN layers ``names`` over every feed."""
         layers = [model.get_layer(n) for n in names]
-        sub = keras.Model(model.inputs, [la.input for la in layers])
+        sub = self.fl.model_cls(model.inputs, [la.input for la in layers])
         order = input_names(model)
         keep = {s.name: s.keep for s in self.sites}
         acc: dict[str, Moments] = {}
@@ -139,7 +148,7 @@ class KerasCollector:
             outs = sub(flat, training=False)  # a list, as the sub-model's inputs are
             outs = outs if isinstance(outs, list | tuple) else [outs]
             for name, out in zip(names, outs, strict=True):
-                m = Moments.of(_np(out), keep[name])
+                m = Moments.of(self.fl.to_numpy(out), keep[name])
                 acc[name] = acc[name].merge(m) if name in acc else m
         return acc
 
@@ -153,7 +162,7 @@ class KerasCollector:
         for name, (mean, var) in new.items():
             layer = clone.get_layer(name)
             for v, value in ((layer.moving_mean, mean), (layer.moving_variance, var)):
-                dtype = np.dtype(keras.backend.standardize_dtype(v.dtype))
+                dtype = self.fl.dtype(v)
                 v.assign(np.asarray(value, dtype=np.float64).reshape(tuple(v.shape)).astype(dtype))
         return clone
 
