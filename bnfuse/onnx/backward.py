@@ -186,25 +186,7 @@ class MatMulBN(BackwardRule):
     ops = ("MatMul", "Add", "Reshape")
 
     def match(self, norm: Norm, node: onnx.NodeProto, g: Graph) -> BackwardMatch | None:
-        cur: onnx.NodeProto | None = node
-        add = via = None
-        for _ in range(3):
-            if cur is None or cur.domain not in ("", "ai.onnx"):
-                return None
-            if cur.op_type == "MatMul":
-                return BackwardMatch(norm, cur, add, via, node)
-            if cur.op_type == "Add" and add is None and len(cur.input) == 2:
-                consts = [i for i in (0, 1) if not g.const_reason(cur.input[i])]
-                if len(consts) != 1:
-                    return None
-                add = cur
-                cur = g.producer.get(cur.input[1 - consts[0]])
-            elif cur.op_type == "Reshape" and via is None and cur.input:
-                via = cur
-                cur = g.producer.get(cur.input[0])
-            else:
-                return None
-        return None
+        return _matmul_chain(norm, node, g)
 
     def _weights_reason(self, m: BackwardMatch, g: Graph) -> str | None:
         p = m.producer
@@ -228,12 +210,7 @@ class MatMulBN(BackwardRule):
             reason = _reshape_reason(m.via, n, g)
             if reason:
                 return reason
-        if m.add is not None:
-            b = g.const(_bias_name(m))
-            rank = g.rank(m.add.output[0])
-            if not per_channel_bias(b, n, rank if rank is not None else 1):
-                return f"Add bias of shape {list(b.shape)} is not per output channel"
-        return None
+        return _add_bias_reason(m, n, g)
 
     def plan(self, m: BackwardMatch, g: Graph) -> BackwardPlan | Reason:
         layout = matrix_layout(g.const(m.producer.input[1]))
@@ -272,6 +249,42 @@ class MatMulBN(BackwardRule):
             return node_label(p)
 
         return write
+
+
+def _matmul_chain(norm: Norm, node: onnx.NodeProto, g: Graph) -> BackwardMatch | None:
+    """MatMul, then maybe an Add of a constant and a Reshape (either order), producing
+    the norm's input: ``node``, the producer of that input, and the two nodes above it."""
+    cur: onnx.NodeProto | None = node
+    add = via = None
+    for _ in range(3):
+        if cur is None or cur.domain not in ("", "ai.onnx"):
+            return None
+        if cur.op_type == "MatMul":
+            return BackwardMatch(norm, cur, add, via, node)
+        if cur.op_type == "Add" and add is None and len(cur.input) == 2:
+            consts = [i for i in (0, 1) if not g.const_reason(cur.input[i])]
+            if len(consts) != 1:
+                return None
+            add = cur
+            cur = g.producer.get(cur.input[1 - consts[0]])
+        elif cur.op_type == "Reshape" and via is None and cur.input:
+            via = cur
+            cur = g.producer.get(cur.input[0])
+        else:
+            return None
+    return None
+
+
+def _add_bias_reason(m: BackwardMatch, n: int, g: Graph) -> str | None:
+    """Why the MatMul's bias Add does not add one value per output channel (None: it
+    does, or there is no Add)."""
+    if m.add is None:
+        return None
+    b = g.const(_bias_name(m))
+    rank = g.rank(m.add.output[0])
+    if not per_channel_bias(b, n, rank if rank is not None else 1):
+        return f"Add bias of shape {list(b.shape)} is not per output channel"
+    return None
 
 
 def _bias_name(m: BackwardMatch) -> str:

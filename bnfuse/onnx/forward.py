@@ -114,7 +114,7 @@ class BNGemm(ForwardRule):
     def check(self, m: ForwardMatch, g: Graph) -> str | None:
         norm, c, via = m.norm, m.node, m.via
         if via is not None:
-            reason = self._via_reason(m, g)
+            reason = _via_reason(m, g)
             if reason:
                 return reason
         src = via.output[0] if via is not None else norm.output
@@ -136,23 +136,6 @@ class BNGemm(ForwardRule):
         plan = self.plan(m, g)
         return plan if isinstance(plan, str) else None
 
-    @staticmethod
-    def _via_reason(m: ForwardMatch, g: Graph) -> str | None:
-        """Why the Flatten/Reshape between does not lead a provable flatten into a
-        Gemm/MatMul (None when it does)."""
-        via = m.via
-        if via is None:
-            return None
-        flat = flattened(m.norm, via, g)
-        if isinstance(flat, str):
-            return flat
-        if g.only_consumer(via.output[0]) is None:
-            reason = g.intermediate_reason(via.output[0], via.op_type)
-            return reason or f"{via.op_type} output has no consumer"
-        if m.node.op_type not in ("Gemm", "MatMul") or m.node.domain not in _DEFAULT:
-            return f"{via.op_type} is followed by {m.node.op_type}, not Gemm/MatMul"
-        return None
-
     def plan(self, m: ForwardMatch, g: Graph) -> ForwardPlan | Reason:
         c = m.node
         w = g.const(c.input[1])
@@ -172,17 +155,7 @@ class BNGemm(ForwardRule):
         # plan the bias, every value rounded (overflow checked) before anything is written
         write_bias: Callable[[], None] | None = None
         if c.op_type == "Gemm":
-            c2 = gemm_bias_forward(
-                bias_of(g, c, 2), float(attr(c, "alpha", 1.0)), float(attr(c, "beta", 1.0)), tw
-            )
-            if c2 is not None:
-                like = like_of(c, 2)
-                c2r = g.rounded(c2, like)
-
-                def write_bias() -> None:
-                    g.write_const(c, 2, c2r, like, f"{node_label(c)}_C_bnfused")
-                    set_attr(c, "beta", 1.0)
-
+            write_bias = _gemm_bias(c, tw, g)
         elif np.any(tw != 0):
             write_bias = _matmul_bias(c, tw, plan.layout.out_channels, g)
 
@@ -193,6 +166,23 @@ class BNGemm(ForwardRule):
             return node_label(c)
 
         return write
+
+
+def _via_reason(m: ForwardMatch, g: Graph) -> str | None:
+    """Why the Flatten/Reshape between does not lead a provable flatten into a
+    Gemm/MatMul (None when it does)."""
+    via = m.via
+    if via is None:
+        return None
+    flat = flattened(m.norm, via, g)
+    if isinstance(flat, str):
+        return flat
+    if g.only_consumer(via.output[0]) is None:
+        reason = g.intermediate_reason(via.output[0], via.op_type)
+        return reason or f"{via.op_type} output has no consumer"
+    if m.node.op_type not in ("Gemm", "MatMul") or m.node.domain not in _DEFAULT:
+        return f"{via.op_type} is followed by {m.node.op_type}, not Gemm/MatMul"
+    return None
 
 
 def _last_axis_reason(norm: Norm, c: onnx.NodeProto, g: Graph) -> str | None:
@@ -247,6 +237,24 @@ def flattened(norm: Norm, c: onnx.NodeProto, g: Graph) -> Affine | str:
         verb=norm.verb,
         through=c.op_type,
     )
+
+
+def _gemm_bias(c: onnx.NodeProto, tw: np.ndarray, g: Graph) -> Callable[[], None] | None:
+    """How to add ``tw`` (``t·B``) to a Gemm's output: its new ``C`` (and beta = 1), or
+    None when it needs none. The values are rounded here; the returned call writes."""
+    c2 = gemm_bias_forward(
+        bias_of(g, c, 2), float(attr(c, "alpha", 1.0)), float(attr(c, "beta", 1.0)), tw
+    )
+    if c2 is None:
+        return None
+    like = like_of(c, 2)
+    c2r = g.rounded(c2, like)
+
+    def write_bias() -> None:
+        g.write_const(c, 2, c2r, like, f"{node_label(c)}_C_bnfused")
+        set_attr(c, "beta", 1.0)
+
+    return write_bias
 
 
 def _matmul_bias(c: onnx.NodeProto, tw: np.ndarray, n: int, g: Graph) -> Callable[[], None]:
