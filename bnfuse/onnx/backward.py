@@ -23,6 +23,7 @@ from bnfuse.onnx.rulebase import (
     conv_layout,
     dtype_of,
     float_weight_reason,
+    layout_of,
     like_of,
     matrix_layout,
     optional_const_reason,
@@ -98,7 +99,7 @@ class _ConvLikeBN(BackwardRule):
 
     def plan(self, m: BackwardMatch, g: Graph) -> BackwardPlan | Reason:
         p = m.producer
-        layout = conv_layout(p, g.const(p.input[1]))
+        layout = layout_of(m, lambda: conv_layout(p, g.const(p.input[1])))
         return plan_backward(layout, m.norm.affine, layer=p.op_type, norm=m.norm.kind)
 
     def prepare(self, m: BackwardMatch, g: Graph) -> Write:
@@ -151,7 +152,9 @@ class GemmBN(BackwardRule):
 
     def plan(self, m: BackwardMatch, g: Graph) -> BackwardPlan | Reason:
         p = m.producer
-        layout = matrix_layout(g.const(p.input[1]), trans=bool(attr(p, "transB", 0)))
+        layout = layout_of(
+            m, lambda: matrix_layout(g.const(p.input[1]), trans=bool(attr(p, "transB", 0)))
+        )
         return plan_backward(layout, m.norm.affine, layer="Gemm", norm=m.norm.kind)
 
     def prepare(self, m: BackwardMatch, g: Graph) -> Write:
@@ -213,7 +216,7 @@ class MatMulBN(BackwardRule):
         return _add_bias_reason(m, n, g)
 
     def plan(self, m: BackwardMatch, g: Graph) -> BackwardPlan | Reason:
-        layout = matrix_layout(g.const(m.producer.input[1]))
+        layout = layout_of(m, lambda: matrix_layout(g.const(m.producer.input[1])))
         return plan_backward(layout, m.norm.affine, layer="MatMul", norm=m.norm.kind)
 
     def _axis_reason(self, m: BackwardMatch, g: Graph) -> str | None:

@@ -25,6 +25,7 @@ from bnfuse.onnx.rulebase import (
     conv_layout,
     dtype_of,
     float_weight_reason,
+    layout_of,
     like_of,
     matrix_layout,
     optional_const_reason,
@@ -75,7 +76,7 @@ class BNConv(ForwardRule):
 
     def plan(self, m: ForwardMatch, g: Graph) -> ForwardPlan | Reason:
         c = m.node
-        layout = conv_layout(c, g.const(c.input[1]))
+        layout = layout_of(m, lambda: conv_layout(c, g.const(c.input[1])))
         return plan_forward(layout, m.norm.affine, layer=c.op_type, norm=m.norm.kind)
 
     def prepare(self, m: ForwardMatch, g: Graph) -> Write:
@@ -138,8 +139,12 @@ class BNGemm(ForwardRule):
 
     def plan(self, m: ForwardMatch, g: Graph) -> ForwardPlan | Reason:
         c = m.node
-        w = g.const(c.input[1])
-        layout = matrix_layout(w, trans=c.op_type == "Gemm" and bool(attr(c, "transB", 0)))
+        layout = layout_of(
+            m,
+            lambda: matrix_layout(
+                g.const(c.input[1]), trans=c.op_type == "Gemm" and bool(attr(c, "transB", 0))
+            ),
+        )
         aff: Affine | str = m.norm.affine if m.via is None else flattened(m.norm, m.via, g)
         if isinstance(aff, str):
             return Reason(code_for(aff), aff)  # ``check`` refused it already

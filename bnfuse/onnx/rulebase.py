@@ -45,6 +45,7 @@ __all__ = [
     "conv_layout",
     "dtype_of",
     "float_weight_reason",
+    "layout_of",
     "like_of",
     "matrix_layout",
     "optional_const_reason",
@@ -92,6 +93,7 @@ class BackwardMatch:
     add: onnx.NodeProto | None = None  # MatMul's bias Add
     via: onnx.NodeProto | None = None  # a Reshape after the MatMul that keeps the last axis
     last: onnx.NodeProto | None = None  # the node producing the norm's input (default: above)
+    layout: Layout | None = None  # the producer's, read once (see :func:`layout_of`)
 
     @property
     def tail(self) -> onnx.NodeProto:
@@ -108,6 +110,7 @@ class ForwardMatch:
     node: onnx.NodeProto  # the linear consumer
     via: onnx.NodeProto | None = None  # the node between that reads the norm's output
     scale_only: bool = False  # set by ``prepare``: a pure scale (the shift is zero)
+    layout: Layout | None = None  # the layer's, read once (see :func:`layout_of`)
 
     @property
     def head(self) -> onnx.NodeProto:
@@ -209,6 +212,14 @@ def matrix_layout(w: np.ndarray, trans: bool = False) -> Layout:
         in_axes=(1,) if trans else (0,),
         dense=True,
     )
+
+
+def layout_of(m: BackwardMatch | ForwardMatch, read: Callable[[], Layout]) -> Layout:
+    """The layout of the match's layer, read (by ``read``) once: ``check`` and
+    ``prepare`` both plan from it, and nothing changes the graph between them."""
+    if m.layout is None:
+        m.layout = read()
+    return m.layout
 
 
 P = TypeVar("P", BackwardPlan, ForwardPlan)
