@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -305,16 +305,7 @@ def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> Fus
     """:func:`fuse` once its options are checked."""
     backend, src = get_backend(model)
     out_path = Path(output) if output is not None else None
-    if out_path is not None and not o.dry_run:
-        _check_output_path(src, out_path, backend)
-    unknown = sorted(set(o.skip) - set(backend.rule_names()))
-    if unknown:
-        raise OptionError(
-            "skip",
-            f"unknown rule(s) {', '.join(unknown)}; rules: {', '.join(backend.rule_names())}",
-        )
-    if o.providers:
-        _providers.for_backend(backend.name, o.providers)  # fail before any work
+    _check_request(backend, src, out_path, o)
 
     _report(progress, "loading model", 0, None)
     early_notes = _configure_threads(backend, o.threads) if o.bench else []
@@ -396,29 +387,59 @@ def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> Fus
         )
 
     if validation is not None and failed:
-        blamed = (
-            f"; responsible fold(s): {', '.join(validation.culprits)}"
-            if validation.culprits
-            else ""
-        )
-        raise ValidationError(
-            f"validation failed: fused outputs differ from the original{blamed}; "
-            "nothing was written (use --rollback to drop those folds, --force to write anyway)",
-            result,
-        )
+        _raise_failed(validation, result)
 
     if out_path is not None and not o.dry_run:
-        _report(progress, "writing", 0, None)
-        backend.save(passed.model, out_path)
-        save_notes = tuple(getattr(backend, "save_notes", ()))
-        result = _replace(
-            result,
-            model=public,
-            written=True,
-            after=backend.stats(passed.model, out_path),
-            warnings=result.warnings + save_notes,
-        )
+        result = _written(backend, passed.model, out_path, result, public, progress)
     return result
+
+
+def _check_request(backend: Backend, src: Path | None, out_path: Path | None, o: Options) -> None:
+    """What :func:`_fuse` checks before any work: the output path, the rule names to
+    skip, the execution providers."""
+    if out_path is not None and not o.dry_run:
+        _check_output_path(src, out_path, backend)
+    unknown = sorted(set(o.skip) - set(backend.rule_names()))
+    if unknown:
+        raise OptionError(
+            "skip",
+            f"unknown rule(s) {', '.join(unknown)}; rules: {', '.join(backend.rule_names())}",
+        )
+    if o.providers:
+        _providers.for_backend(backend.name, o.providers)  # fail before any work
+
+
+def _raise_failed(validation: Validation, result: FuseResult) -> NoReturn:
+    """Validation failed and nothing will be written: say which folds were to blame."""
+    blamed = (
+        f"; responsible fold(s): {', '.join(validation.culprits)}" if validation.culprits else ""
+    )
+    raise ValidationError(
+        f"validation failed: fused outputs differ from the original{blamed}; "
+        "nothing was written (use --rollback to drop those folds, --force to write anyway)",
+        result,
+    )
+
+
+def _written(
+    backend: Backend,
+    fused: Any,
+    out_path: Path,
+    result: FuseResult,
+    public: Deferred,
+    progress: Progress | None,
+) -> FuseResult:
+    """Save the fused model to ``out_path``; the result with its written file's stats."""
+    _report(progress, "writing", 0, None)
+    backend.save(fused, out_path)
+    save_notes = tuple(getattr(backend, "save_notes", ()))
+    return _replace(
+        result,
+        model=public,
+        written=True,
+        after=backend.stats(fused, out_path),
+        warnings=result.warnings + save_notes,
+    )
 
 
 def _validated(

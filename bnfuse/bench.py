@@ -239,6 +239,71 @@ def _documented(what: str) -> Iterator[None]:
         raise UnsupportedModelError(f"{what} fails to run: {first_line(exc)}") from None
 
 
+def _check_run(
+    orig_targets: list[BenchTarget],
+    fused_targets: list[BenchTarget],
+    batches: Sequence[int],
+    seconds: float,
+) -> None:
+    """:func:`run`'s arguments: usable batch sizes and budget, targets that pair up."""
+    if not batches or any(b < 1 for b in batches):
+        raise UsageError("batch sizes must be at least 1")
+    if not seconds > 0:
+        raise UsageError("--bench-seconds must be positive")
+    if len(orig_targets) != len(fused_targets) or any(
+        a.runtime != b.runtime for a, b in zip(orig_targets, fused_targets, strict=False)
+    ):
+        raise FusionInvariantError(
+            "benchmark targets of the original and fused model do not pair up",
+            original=[t.runtime for t in orig_targets],
+            fused=[t.runtime for t in fused_targets],
+        )
+
+
+def _usable_batches(
+    specs: Sequence[InputSpec],
+    batches: Sequence[int],
+    input_shapes: Mapping[str, Sequence[int]],
+    notes: list[str],
+) -> list[int]:
+    """The batch sizes the model's inputs take (each once, in order; the model's own
+    fixed batch when none does), a note in ``notes`` for each one left out. Raises on an
+    input shape that cannot be resolved, before any session is built."""
+    use_batches: list[int] = []
+    for b in dict.fromkeys(batches):  # unique, in order
+        why = _batch_ok(specs, b)
+        if why is None:
+            use_batches.append(b)
+        else:
+            notes.append(f"batch {b} skipped: {why}")
+    fixed = _fixed_batch(specs)
+    if not use_batches and fixed is not None and fixed >= 1 and _batch_ok(specs, fixed) is None:
+        use_batches = [fixed]
+        notes.append(f"the model's batch size is fixed at {fixed}; timed at batch {fixed}")
+    for b in use_batches:  # fail on unusable shapes before any session is built
+        for s in specs:
+            resolve_shape(s, input_shapes, b)
+    return use_batches
+
+
+def _latency_row(
+    rt: str, b: int, times_a: np.ndarray, times_b: np.ndarray, note: str
+) -> LatencyRow:
+    """One row of paired timings (seconds) of the original (a) and the fused model (b)."""
+    ratios = times_a / np.maximum(times_b, 1e-9)
+    return LatencyRow(
+        runtime=rt,
+        batch=b,
+        original=latency_stats(times_a, b),
+        fused=latency_stats(times_b, b),
+        speedup=float(np.median(ratios)),
+        speedup_ci=bootstrap_median_ci(ratios),
+        note=note,
+        original_ms=tuple((times_a * 1e3).tolist()),
+        fused_ms=tuple((times_b * 1e3).tolist()),
+    )
+
+
 def run(
     orig_targets: list[BenchTarget],
     fused_targets: list[BenchTarget],
@@ -271,34 +336,9 @@ def run(
         UsageError: bad batch sizes or budget, or an input shape that cannot be resolved.
         FusionInvariantError: the two target lists do not pair up.
     """
-    if not batches or any(b < 1 for b in batches):
-        raise UsageError("batch sizes must be at least 1")
-    if not seconds > 0:
-        raise UsageError("--bench-seconds must be positive")
-    if len(orig_targets) != len(fused_targets) or any(
-        a.runtime != b.runtime for a, b in zip(orig_targets, fused_targets, strict=False)
-    ):
-        raise FusionInvariantError(
-            "benchmark targets of the original and fused model do not pair up",
-            original=[t.runtime for t in orig_targets],
-            fused=[t.runtime for t in fused_targets],
-        )
-
+    _check_run(orig_targets, fused_targets, batches, seconds)
     notes: list[str] = []
-    use_batches: list[int] = []
-    for b in dict.fromkeys(batches):  # unique, in order
-        why = _batch_ok(specs, b)
-        if why is None:
-            use_batches.append(b)
-        else:
-            notes.append(f"batch {b} skipped: {why}")
-    fixed = _fixed_batch(specs)
-    if not use_batches and fixed is not None and fixed >= 1 and _batch_ok(specs, fixed) is None:
-        use_batches = [fixed]
-        notes.append(f"the model's batch size is fixed at {fixed}; timed at batch {fixed}")
-    for b in use_batches:  # fail on unusable shapes before any session is built
-        for s in specs:
-            resolve_shape(s, input_shapes, b)
+    use_batches = _usable_batches(specs, batches, input_shapes, notes)
 
     n_rows = len(orig_targets) * len(use_batches)
     row_budget = seconds / max(1, n_rows)
@@ -335,21 +375,8 @@ def run(
             times_a, times_b, elapsed = _time_row(fa, fb, x, row_budget, tick)
             if len(times_a) >= MAX_PAIRS and elapsed < row_budget:
                 capped.append(f"{rt} batch {b}")
-            ratios = times_a / np.maximum(times_b, 1e-9)
             note = "; ".join(dict.fromkeys(n for n in (ta.note, tb.note) if n))
-            rows.append(
-                LatencyRow(
-                    runtime=rt,
-                    batch=b,
-                    original=latency_stats(times_a, b),
-                    fused=latency_stats(times_b, b),
-                    speedup=float(np.median(ratios)),
-                    speedup_ci=bootstrap_median_ci(ratios),
-                    note=note,
-                    original_ms=tuple((times_a * 1e3).tolist()),
-                    fused_ms=tuple((times_b * 1e3).tolist()),
-                )
-            )
+            rows.append(_latency_row(rt, b, times_a, times_b, note))
             done += 1
             report(what, done, force=True)
     if rows and rows[0].note and len({r.note for r in rows}) == 1:

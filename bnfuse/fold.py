@@ -37,6 +37,8 @@ __all__ = [
     "check_bn",
     "fold_backward",
     "fold_forward",
+    "gemm_bias_backward",
+    "gemm_bias_forward",
     "round_to",
 ]
 
@@ -427,6 +429,33 @@ def _weighted_sums(
         else:
             total[: len(sums)] += sums
     return total
+
+
+def gemm_bias_backward(c: NDArray[np.generic] | None, beta: float, aff: Affine) -> F64:
+    """The new ``C`` of ``alpha*A'B' + beta*C`` followed by ``aff``, with ``beta`` then 1.
+
+    ``aff(alpha*A'B' + beta*C) == alpha*A'(B' s) + (beta*C*s + t)``: the B columns scale
+    like any output channel (:func:`fold_backward`, no bias), and ``C`` (any shape that
+    broadcasts to the output, kept) becomes ``beta*C*s + t``, or ``t`` without one.
+    """
+    if c is None:
+        return aff.shift
+    return np.asarray(beta * np.asarray(c, dtype=np.float64) * aff.scale + aff.shift)
+
+
+def gemm_bias_forward(
+    c: NDArray[np.generic] | None, alpha: float, beta: float, shifted: F64
+) -> F64 | None:
+    """The new ``C`` of ``alpha*(A s + t)B + beta*C``, with ``beta`` then 1; None when the
+    Gemm needs none (it had no ``C`` and the shift adds nothing).
+
+    ``shifted`` is ``t·B`` per output (the bias :func:`fold_forward` returns for no
+    bias): ``alpha*(A s)B + (beta*C + alpha*t·B)``.
+    """
+    if c is None:
+        c2 = alpha * shifted
+        return np.asarray(c2) if np.any(c2 != 0) else None
+    return np.asarray(beta * np.asarray(c, dtype=np.float64) + alpha * shifted)
 
 
 class DtypeOverflowError(OverflowError):

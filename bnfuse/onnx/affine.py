@@ -36,7 +36,7 @@ import onnx
 
 from bnfuse.fold import Affine
 from bnfuse.onnx.graph import FLOAT_TYPES, Graph, node_label
-from bnfuse.onnx.rules import ELEMENTWISE, Norm
+from bnfuse.onnx.norm import ELEMENTWISE, Norm
 
 __all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "step_of"]
 

@@ -18,16 +18,12 @@ from bnfuse.onnx.graph import (
     node_label,
     outer_names_used,
 )
-from bnfuse.onnx.layout import LAYOUT_BACKWARD_RULES, LAYOUT_FORWARD_RULES
+from bnfuse.onnx.norm import Norm, bn_norm
 from bnfuse.onnx.payloads import Payloads
-from bnfuse.onnx.rules import (
-    BACKWARD_RULES,
-    FORWARD_RULES,
-    ForwardTarget,
-    Norm,
-    bn_norm,
-)
+from bnfuse.onnx.rulebase import ForwardMatch, Write
+from bnfuse.onnx.rules import BACKWARD, FORWARD, RULES, BackwardRule, ForwardRule
 from bnfuse.onnx.shapes import ShapeDict, ShapeTree, lazy_shape_tree, shape_map
+from bnfuse.plan import fold_record
 from bnfuse.reasons import EXCLUDED, overflow, refusal
 from bnfuse.result import Fold, Refusal
 
@@ -37,12 +33,7 @@ __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model"
 #: recognised as normalizations; BatchNormalization nodes still fold.
 AFFINE_FINDER = "const-affine"
 
-_BACKWARD = BACKWARD_RULES + LAYOUT_BACKWARD_RULES  # layout rules last: they delegate
-_FORWARD = LAYOUT_FORWARD_RULES + FORWARD_RULES  # first: bn-gemm claims any Reshape
-
-RULE_NAMES: tuple[str, ...] = (
-    tuple(r.name for r in _BACKWARD) + tuple(r.name for r in _FORWARD) + (AFFINE_FINDER,)
-)
+RULE_NAMES: tuple[str, ...] = (*(r.name for r in RULES), AFFINE_FINDER)
 
 NormFinder = Callable[[onnx.NodeProto, Graph, int], "Norm | str | None"]
 
@@ -192,8 +183,8 @@ def fuse_graph(
     constants count as constants there).
     """
     tree = shapes if isinstance(shapes, ShapeTree) else ShapeTree(values=dict(shapes))
-    backward = [r for r in _BACKWARD if r.name not in options.skip_rules]
-    forward = [r for r in _FORWARD if r.name not in options.skip_rules] if options.forward else []
+    backward = [r for r in BACKWARD if r.name not in options.skip_rules]
+    forward = [r for r in FORWARD if r.name not in options.skip_rules] if options.forward else []
     g = Graph(
         graph,
         names,
@@ -291,12 +282,17 @@ def _unreadable(exc: Exception) -> str:
 
 
 def _try_fold(
-    norm: Norm, g: Graph, backward: list, forward: list, scope: str
+    norm: Norm, g: Graph, backward: list[BackwardRule], forward: list[ForwardRule], scope: str
 ) -> tuple[Fold | None, str, str]:
+    """Fold ``norm``: backward into its producer first, else forward into its consumers.
+    Returns the fold, or None with the reason and rule of the first refusal."""
     reasons: list[tuple[str, str]] = []
+    prod = g.producer.get(norm.input)
     for rule in backward:
+        if prod is None:
+            break  # a graph input: no producer to fold into
         try:
-            m = rule.match(norm, g)
+            m = rule.match(norm, prod, g)
             if m is None:
                 continue
             reason = rule.check(m, g)
@@ -308,11 +304,16 @@ def _try_fold(
                 into = rule.rewrite(m, g)
             except OverflowError as exc:
                 return None, overflow(node_label(m.producer), exc), rule.name
-            return (
-                Fold(norm.name, into, rule.name, "backward", norm.channels, norm.kind, "", scope),
-                "",
-                rule.name,
+            record = fold_record(
+                norm.name,
+                "backward",
+                [into],
+                [rule.name],
+                channels=norm.channels,
+                kind=norm.kind,
+                scope=scope,
             )
+            return record, "", rule.name
         reasons.append((rule.name, reason))
         break  # one producer, one applicable rule
     if forward:
@@ -322,9 +323,8 @@ def _try_fold(
         if fwd is not None:
             reasons.append(fwd)
     if reasons:
-        rule, reason = reasons[0]
-        return None, reason, rule
-    prod = g.producer.get(norm.input)
+        rule_name, reason = reasons[0]
+        return None, reason, rule_name
     before = f"{prod.op_type}" if prod is not None else "a graph input"
     return (
         None,
@@ -334,52 +334,69 @@ def _try_fold(
     )
 
 
-def _try_forward(norm: Norm, g: Graph, forward: list, scope: str) -> Fold | tuple[str, str] | None:
+def _forward_match(
+    norm: Norm, c: onnx.NodeProto, g: Graph, forward: list[ForwardRule]
+) -> tuple[ForwardRule | None, ForwardMatch | str | None]:
+    """The first forward rule that matches consumer ``c``, and its match or refusal."""
+    for rule in forward:
+        try:
+            m = rule.match(norm, c, g)
+            if m is None:
+                continue
+            return rule, rule.check(m, g) or m
+        except READ_ERRORS as exc:
+            return rule, _unreadable(exc)
+    return None, None
+
+
+def _try_forward(
+    norm: Norm, g: Graph, forward: list[ForwardRule], scope: str
+) -> Fold | tuple[str, str] | None:
+    """Fold ``norm`` into every consumer of its output, or into none: every consumer
+    must match a rule and pass its check; all are prepared (every value computed and
+    rounded) before any is written, so an overflow in one leaves the graph unchanged."""
     consumers = g.consumers.get(norm.output, [])
     if not consumers:
         return None
-    targets: list[tuple[object, ForwardTarget]] = []
+    targets: list[tuple[ForwardRule, ForwardMatch]] = []
     for c in consumers:
-        found: ForwardTarget | str | None = None
-        rule_used = None
-        for rule in forward:
-            try:
-                found = rule.target(norm, c, g)
-            except READ_ERRORS as exc:
-                found = _unreadable(exc)
-            if found is not None:
-                rule_used = rule
-                break
-        if found is None:
+        rule, found = _forward_match(norm, c, g, forward)
+        if rule is None or found is None:
             if len(consumers) == 1:
                 return None
             return ("", f"output also feeds {c.op_type} {node_label(c)!r}, which cannot absorb it")
         if isinstance(found, str):
-            return (rule_used.name if rule_used else "", found)
-        targets.append((rule_used, found))
+            return (rule.name, found)
+        targets.append((rule, found))
     if norm.output in g.output_names:
-        return (targets[0][0].name, f"{norm.kind} output is a graph output")  # type: ignore[attr-defined]
-    current = targets[0][1]  # the target being rewritten, named by an overflow
+        return (targets[0][0].name, f"{norm.kind} output is a graph output")
+    current = targets[0][1]  # the target being prepared, named by an overflow
+    writes: list[Write] = []
     try:
-        if len(targets) > 1:  # an overflow in a later target must not leave earlier ones
-            for rule, current in targets:  # rewritten: check them all first
-                rule.rewrite(norm, current, g, dry=True)  # type: ignore[attr-defined]
         for rule, current in targets:
-            rule.rewrite(norm, current, g)  # type: ignore[attr-defined]
+            writes.append(rule.prepare(current, g))
     except OverflowError as exc:
-        return (targets[0][0].name, overflow(node_label(current.node), exc))  # type: ignore[attr-defined]
-    for _, t in targets:
-        head = t.via if t.via is not None else t.node
+        return (targets[0][0].name, overflow(node_label(current.node), exc))
+    into = [write() for write in writes]
+    for _, m in targets:
+        head = m.head
         for i, name in enumerate(head.input):
             if name == norm.output:
                 g.set_input(head, i, norm.input)
     for n in norm.nodes:
         g.remove_node(n)
     g.drop_value_info([norm.output])
-    into = ", ".join(node_label(t.node) for _, t in targets)
-    rule_name = "+".join(dict.fromkeys(r.name for r, _ in targets))  # type: ignore[attr-defined]
-    detail = "scale only (shift is zero)" if all(t.scale_only for _, t in targets) else ""
-    return Fold(norm.name, into, rule_name, "forward", norm.channels, norm.kind, detail, scope)
+    detail = "scale only (shift is zero)" if all(m.scale_only for _, m in targets) else ""
+    return fold_record(
+        norm.name,
+        "forward",
+        into,
+        [r.name for r, _ in targets],
+        channels=norm.channels,
+        kind=norm.kind,
+        details=[detail],
+        scope=scope,
+    )
 
 
 def _undefined_names(g: Graph) -> set[str]:

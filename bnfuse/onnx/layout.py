@@ -31,16 +31,11 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
+from bnfuse.onnx.backward import BACKWARD_RULES, BackwardRule
+from bnfuse.onnx.forward import FORWARD_RULES, ForwardRule
 from bnfuse.onnx.graph import Graph, attr, node_label
-from bnfuse.onnx.rules import (
-    BACKWARD_RULES,
-    FORWARD_RULES,
-    BackwardMatch,
-    BackwardRule,
-    ForwardRule,
-    ForwardTarget,
-    Norm,
-)
+from bnfuse.onnx.norm import Norm
+from bnfuse.onnx.rulebase import BackwardMatch, ForwardMatch, Write
 
 __all__ = [
     "LAYOUT_BACKWARD_RULES",
@@ -232,9 +227,9 @@ class LayoutBN(BackwardRule):
     ops = LAYOUT_OPS
     doc = "a BN after Squeeze/Unsqueeze/Transpose/Reshape of a layer's output"
 
-    def match(self, norm: Norm, g: Graph) -> BackwardMatch | None:
+    def match(self, norm: Norm, node: onnx.NodeProto, g: Graph) -> BackwardMatch | None:
         chain: list[onnx.NodeProto] = []
-        cur = g.producer.get(norm.input)
+        cur: onnx.NodeProto | None = node
         while cur is not None and is_layout(cur) and len(chain) < _MAX_CHAIN:
             chain.append(cur)
             cur = g.producer.get(cur.input[0])
@@ -242,7 +237,7 @@ class LayoutBN(BackwardRule):
             return None
         probe = replace(norm, nodes=[], input=chain[-1].input[0], output=chain[-1].input[0])
         for rule in BACKWARD_RULES:
-            inner = rule.match(probe, g)
+            inner = rule.match(probe, cur, g)
             if inner is not None:
                 moved = _restate(norm, chain, g, forward=False)
                 return LayoutMatch(
@@ -262,17 +257,22 @@ class LayoutBN(BackwardRule):
         inner.norm = lm.moved
         return rule.check(inner, g)
 
-    def rewrite(self, m: BackwardMatch, g: Graph) -> str:
+    def prepare(self, m: BackwardMatch, g: Graph) -> Write:
         lm = _layout_match(m)
         inner, rule = _inner(lm)
-        into = rule.rewrite(inner, g)  # weights; the layer keeps writing the same tensor
-        last = lm.chain[0]
-        old = last.output[0]
-        g.set_output(last, 0, lm.norm.output)
-        for n in lm.norm.nodes:
-            g.remove_node(n)
-        g.drop_value_info([old])
-        return into
+        write_inner = rule.prepare(inner, g)
+
+        def write() -> str:
+            into = write_inner()  # weights; the layer keeps writing the same tensor
+            last = lm.chain[0]
+            old = last.output[0]
+            g.set_output(last, 0, lm.norm.output)
+            for n in lm.norm.nodes:
+                g.remove_node(n)
+            g.drop_value_info([old])
+            return into
+
+        return write
 
 
 def _layout_match(m: BackwardMatch) -> LayoutMatch:
@@ -293,10 +293,10 @@ def _inner(lm: LayoutMatch) -> tuple[BackwardMatch, BackwardRule]:
 
 
 @dataclass
-class LayoutTarget(ForwardTarget):
+class LayoutForwardMatch(ForwardMatch):
+    moved: Norm | str | None = None  # the norm restated on the layer's side, or why not
     inner_rule: ForwardRule | None = None
-    inner_norm: Norm | None = None
-    inner: ForwardTarget | None = None
+    inner: ForwardMatch | None = None
 
 
 class LayoutForward(ForwardRule):
@@ -306,11 +306,11 @@ class LayoutForward(ForwardRule):
     name = "layout-forward"
     doc = "a BN before Squeeze/Unsqueeze/Transpose/Reshape into a layer"
 
-    def target(self, norm: Norm, c: onnx.NodeProto, g: Graph) -> ForwardTarget | str | None:
-        if not is_layout(c) or c.input[0] != norm.output or _flattens(c, g):
+    def match(self, norm: Norm, node: onnx.NodeProto, g: Graph) -> ForwardMatch | None:
+        if not is_layout(node) or node.input[0] != norm.output or _flattens(node, g):
             return None
-        chain = [c]
-        nxt = g.only_consumer(c.output[0])
+        chain = [node]
+        nxt = g.only_consumer(node.output[0])
         while nxt is not None and is_layout(nxt) and len(chain) < _MAX_CHAIN:
             if _flattens(nxt, g):
                 break  # a Reshape into Gemm/MatMul: bn-gemm reads it as a flatten
@@ -320,24 +320,40 @@ class LayoutForward(ForwardRule):
             return None
         moved = _restate(norm, chain, g, forward=True)
         if isinstance(moved, str):
-            return moved
+            return LayoutForwardMatch(norm, nxt, chain[0], moved=moved)
         for rule in FORWARD_RULES:
-            t = rule.target(moved, nxt, g)
-            if t is None:
-                continue
-            if isinstance(t, str):
-                return t
-            return LayoutTarget(
-                t.node, chain[0], t.flat, t.scale_only, inner_rule=rule, inner_norm=moved, inner=t
-            )
+            inner = rule.match(moved, nxt, g)
+            if inner is not None:
+                return LayoutForwardMatch(
+                    norm, inner.node, chain[0], moved=moved, inner_rule=rule, inner=inner
+                )
         return None
 
-    def rewrite(self, norm: Norm, t: ForwardTarget, g: Graph, dry: bool = False) -> None:
-        if not isinstance(t, LayoutTarget) or t.inner_rule is None or t.inner is None:
-            raise TypeError("layout-forward: not a layout target")
-        if t.inner_norm is None:
-            raise TypeError("layout-forward: no restated normalization")
-        t.inner_rule.rewrite(t.inner_norm, t.inner, g, dry)
+    def check(self, m: ForwardMatch, g: Graph) -> str | None:
+        lm = _forward_match(m)
+        if isinstance(lm.moved, str):
+            return lm.moved
+        inner, rule = _inner_forward(lm)
+        return rule.check(inner, g)
+
+    def prepare(self, m: ForwardMatch, g: Graph) -> Write:
+        lm = _forward_match(m)
+        inner, rule = _inner_forward(lm)
+        write = rule.prepare(inner, g)
+        lm.scale_only = inner.scale_only
+        return write
+
+
+def _forward_match(m: ForwardMatch) -> LayoutForwardMatch:
+    if not isinstance(m, LayoutForwardMatch):
+        raise TypeError("layout-forward: not a layout match")
+    return m
+
+
+def _inner_forward(lm: LayoutForwardMatch) -> tuple[ForwardMatch, ForwardRule]:
+    if lm.inner is None or lm.inner_rule is None:
+        raise TypeError("layout-forward: no inner match")
+    return lm.inner, lm.inner_rule
 
 
 def _flattens(node: onnx.NodeProto, g: Graph) -> bool:
