@@ -27,6 +27,7 @@ def peers_valid(o: OnnxResult) -> dict[str, ToolResult]:
 
 
 def best_of(values: Mapping[str, float | int | None]) -> tuple[list[str], float | None]:
+    """The keys holding the lowest value (ties: all of them) and that value; None ignored."""
     have = {k: v for k, v in values.items() if v is not None}
     if not have:
         return [], None
