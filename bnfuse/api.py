@@ -66,16 +66,16 @@ def get_backend(model: Any) -> tuple[Backend, Path | None]:
 
             check_keras_file(path)  # before TensorFlow is imported (seconds)
             return _load_backend("keras"), path
-        if path.is_dir() and (path / "saved_model.pb").is_file():  # a Keras SavedModel
+        if path.is_dir():  # a SavedModel directory (the Keras backend says if it is not one)
             return _load_backend("keras"), path
         raise ModelLoadError(
             f"{path}: unknown model format {suffix or '(no extension)'!r}; "
-            "expected .onnx, .keras or .h5"
+            "expected .onnx, .keras, .h5 or a SavedModel directory"
         )
     cls = type(model)
     if cls.__module__.startswith("onnx") and cls.__name__ == "ModelProto":
         return _load_backend("onnx"), None
-    if any(c.__module__.startswith("keras") for c in cls.__mro__):
+    if any(c.__module__.startswith(("keras", "tf_keras")) for c in cls.__mro__):
         return _load_backend("keras"), None
     raise UsageError(
         f"cannot fuse a {cls.__name__}: pass a path, an onnx.ModelProto or a keras.Model"
@@ -94,7 +94,7 @@ def _check_output_path(src: Path | None, output: Path, backend: Backend) -> None
         raise UsageError(f"{output}: output would overwrite the input model; choose another path")
     if not output.parent.exists():
         raise UsageError(f"{output}: output directory {output.parent} does not exist")
-    if output.is_dir():
+    if output.is_dir() and not (output / "saved_model.pb").is_file():  # SavedModel: replaced
         raise UsageError(f"{output}: is a directory")
 
 

@@ -89,15 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="MODEL",
         type=Path,
-        help="model(s) to fuse: .onnx, .keras, .h5, or a directory of them",
+        help="model(s) to fuse: .onnx, .keras, .h5, a tf.keras SavedModel directory, or a "
+        "directory of them",
     )
     add(
         "-o",
         "--output",
         type=Path,
         metavar="PATH",
-        help="write the fused model here (.onnx, .keras, .h5); with several models, a "
-        "directory (created)",
+        help="write the fused model here (.onnx, .keras, .h5; a SavedModel input: a "
+        "directory); with several models, a directory (created)",
     )
     add("--dry-run", action="store_true", help="plan and report only; write nothing")
     add(

@@ -30,6 +30,7 @@ OUT = ROOT / "out"
 DATA = HERE / "digits_test.npz"
 ONNX_MODELS = ("digits_cnn_bn.onnx", "digits_mlp.onnx", "digits_cnn.onnx")
 KERAS_MODELS = ("digits_mlp.keras", "digits_cnn.keras")
+KERAS2_MODELS = ("digits_mlp_k2.h5",)  # tf_keras (Keras 2): written back as Keras 2 .h5
 BENCH = ("--bench", "--batch", "1,32", "--bench-seconds", "3")
 
 
@@ -84,6 +85,15 @@ def keras_predict(path: Path, x: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(model(x[name], training=False)).argmax(-1)
 
 
+def keras2_predict(path: Path, x: dict[str, np.ndarray]) -> np.ndarray:
+    """What a TensorFlow 2.x deployment does: load with tf.keras (Keras 2) and predict."""
+    import tf_keras
+
+    model = tf_keras.models.load_model(str(path), compile=False)
+    name = model.input_names[0]
+    return np.asarray(model(x[name], training=False)).argmax(-1)
+
+
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     with np.load(DATA) as npz:
@@ -130,6 +140,13 @@ def main() -> int:
     else:
         for name in KERAS_MODELS:
             one(name, keras_predict)
+        try:
+            import tf_keras  # noqa: F401
+        except ImportError:
+            print("\nnote: skipping the Keras 2 sample: tf-keras is not installed", flush=True)
+        else:
+            for name in KERAS2_MODELS:
+                one(name, keras2_predict)
 
     rule("summary")
     header = ("model", "BN folded", "acc before", "acc after", "changed")

@@ -21,10 +21,15 @@ Writes, next to this file:
                            Conv->BN->Relu, MaxPool->BN->Flatten->Gemm, Gemm->BN->Relu),
                            transcribed from a trained channels_last Keras twin and checked
                            against it with onnxruntime (graph optimizations disabled).
+* ``digits_mlp_k2.h5``     a Keras 2 (``tf_keras``) MLP saved as HDF5, the BN notes' own case:
+                           ``BatchNormalization(axis=[1, 2])`` as the first layer (one scale
+                           and shift per pixel, which Keras 3 cannot express), Flatten,
+                           Dense->BN->ReLU, Dense logits.
 * ``digits_test.npz``      the held-out split: ``pixels`` (N, 8, 8), ``image`` (N, 8, 8, 1),
                            ``image_nchw`` (N, 1, 8, 8), all float32, and ``labels`` (int64).
 
-Run with ``python sample_models/make_samples.py`` (seconds on a laptop CPU). The seed is
+Run with ``python sample_models/make_samples.py`` (seconds on a laptop CPU); ``... keras2``
+rebuilds only ``digits_mlp_k2.h5``. The seed is
 fixed and TensorFlow runs with op determinism, so a rerun on the same machine and versions
 reproduces the same weights.
 """
@@ -144,6 +149,49 @@ def build_cnn_bn_twin():  # -> keras.Model
     x = layers.ReLU(name="relu_4")(x)
     out = layers.Dense(10, name="logits")(x)
     return keras.Model(inp, out, name="digits_cnn_bn_twin")
+
+
+def build_mlp_k2():  # -> tf_keras.Model
+    """Keras 2: (8, 8) -> BN over axes [1, 2] (per pixel) -> Flatten -> Dense -> BN -> ReLU
+    -> logits. The first BN folds forward through Flatten into dense_1 (64 entries), bn_1
+    backward into dense_1."""
+    import tf_keras
+    from tf_keras import layers
+
+    inp = tf_keras.Input((8, 8), name="pixels")
+    x = layers.BatchNormalization(axis=[1, 2], name="bn_pixels")(inp)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(64, name="dense_1")(x)
+    x = layers.BatchNormalization(name="bn_1")(x)
+    x = layers.ReLU(name="relu_1")(x)
+    out = layers.Dense(10, name="logits")(x)
+    return tf_keras.Model(inp, out, name="digits_mlp_k2")
+
+
+def make_keras2_sample(
+    x_tr: np.ndarray, x_te: np.ndarray, y_tr: np.ndarray, y_te: np.ndarray
+) -> float:
+    """Train and save ``digits_mlp_k2.h5`` with tf_keras; returns its test accuracy."""
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(SEED)
+    tf.config.experimental.enable_op_determinism()
+    model = build_mlp_k2()
+    model.compile(
+        optimizer=tf_keras.optimizers.Adam(3e-3),
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    start = time.perf_counter()
+    model.fit(x_tr, y_tr, batch_size=32, epochs=20, shuffle=True, verbose=0)
+    print(f"  {model.name}: 20 epochs in {time.perf_counter() - start:.1f} s (tf_keras)")
+    path = HERE / "digits_mlp_k2.h5"
+    path.unlink(missing_ok=True)
+    model.save(str(path), save_format="h5", include_optimizer=False)
+    ref = np.asarray(model(x_te, training=False))
+    back = tf_keras.models.load_model(str(path), compile=False)
+    check_same("digits_mlp_k2.h5 reloaded", ref, np.asarray(back(x_te, training=False)), 1e-6)
+    return float(np.mean(ref.argmax(-1) == y_te))
 
 
 def train(model, x: np.ndarray, y: np.ndarray, *, epochs: int, from_logits: bool) -> None:
@@ -317,12 +365,16 @@ def check_same(name: str, ref: np.ndarray, got: np.ndarray, atol: float) -> None
         raise SystemExit(f"{name}: ONNX does not reproduce Keras (max diff {diff}, {changed})")
 
 
-def main() -> None:
+def main(only: list[str] | None = None) -> None:
     import keras
     import onnx
 
     seed_everything()
     x_tr, x_te, y_tr, y_te = load_split()
+    if only == ["keras2"]:
+        acc_k2 = make_keras2_sample(x_tr, x_te, y_tr, y_te)
+        print(f"  digits_mlp_k2.h5 accuracy {acc_k2:.4f}")
+        return
     img_tr, img_te = x_tr[..., None], x_te[..., None]
     feeds = {
         "pixels": x_te,
@@ -370,6 +422,7 @@ def main() -> None:
     acc["(Keras twin of digits_cnn_bn)"] = accuracy(ref)
 
     np.savez_compressed(HERE / "digits_test.npz", **feeds, labels=y_te)
+    acc["digits_mlp_k2.h5"] = make_keras2_sample(x_tr, x_te, y_tr, y_te)
 
     print(f"\ntest split: {len(y_te)} images (train {len(y_tr)})")
     for name, a in acc.items():
@@ -382,4 +435,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:] or None)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import onnx
@@ -99,7 +100,9 @@ def _cli(code: str, *args: str, debug: bool = False) -> subprocess.CompletedProc
 
 def test_missing_extra_exits_4(tmp_path: Path) -> None:
     src = tmp_path / "m.keras"
-    src.write_bytes(b"PK\x03\x04 not read before the backend loads")
+    with zipfile.ZipFile(src, "w") as z:  # a .keras zip: passes the check made before TF
+        z.writestr("metadata.json", '{"keras_version": "3.5.0"}')
+        z.writestr("config.json", "{}")
     # an interpreter where keras and tensorflow cannot be imported
     r = _cli("sys.modules['keras'] = None\nsys.modules['tensorflow'] = None", str(src))
     assert r.returncode == 4, r.stderr

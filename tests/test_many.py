@@ -235,7 +235,7 @@ def test_a_directory_of_keras_and_onnx_models(tmp_path: Path) -> None:
     assert names == sorted(
         p.name for p in samples.iterdir() if p.suffix in (".onnx", ".keras", ".h5")
     )
-    assert {Path(r.source).suffix for r in runs} == {".onnx", ".keras"}
+    assert {Path(r.source).suffix for r in runs} == {".onnx", ".keras", ".h5"}
     assert all(r.status == "ok" and r.result is not None and r.result.folds for r in runs), [
         (r.source, r.error) for r in runs
     ]

@@ -209,3 +209,32 @@ def test_keras_sample_fuses_without_changing_predictions(
     after = np.asarray(fused(x, training=False)).argmax(-1)
     assert (before == after).all(), f"{int((before != after).sum())} predictions changed"
     assert np.mean(after == data["labels"]) >= MIN_ACCURACY
+
+
+@pytest.mark.keras
+def test_keras2_sample_per_pixel_bn(data: dict[str, np.ndarray], tmp_path: Path) -> None:
+    """digits_mlp_k2.h5 (tf_keras): the per-pixel first-layer BN (axis=[1, 2]) folds forward
+    through Flatten, bn_1 backward; the output is a Keras 2 .h5 tf.keras loads and it
+    predicts every test image as before."""
+    _keras_backend()
+    tf_keras = pytest.importorskip("tf_keras")
+    path = SAMPLES / "digits_mlp_k2.h5"
+    assert path.stat().st_size < 1_000_000
+    out = tmp_path / "k2.fused.h5"
+    result = bnfuse.fuse(path, out, inputs=DATA)
+    assert result.validation is not None and result.validation.passed
+    assert {f.bn: (f.direction, f.channels) for f in result.folds} == {
+        "bn_pixels": ("forward", 64),
+        "bn_1": ("backward", 64),
+    }
+    assert not result.refusals
+    original = tf_keras.models.load_model(str(path), compile=False)
+    fused = tf_keras.models.load_model(str(out), compile=False)
+    bn = original.get_layer("bn_pixels")
+    assert list(bn.axis) == [1, 2] and float(np.ptp(bn.moving_mean.numpy())) > 1.0  # trained
+    assert not any(isinstance(la, tf_keras.layers.BatchNormalization) for la in fused.layers)
+    x = data["pixels"]
+    before = np.asarray(original(x, training=False)).argmax(-1)
+    after = np.asarray(fused(x, training=False)).argmax(-1)
+    assert (before == after).all(), f"{int((before != after).sum())} predictions changed"
+    assert np.mean(after == data["labels"]) >= MIN_ACCURACY

@@ -1,7 +1,9 @@
 """The Keras backend: :class:`KerasBackend` implements :class:`bnfuse.backend.Backend`.
 
-Importing this module imports tensorflow and keras; :mod:`bnfuse.api` imports it lazily,
-only for Keras models.
+One backend for Keras 3 (``keras``) and Keras 2 (``tf_keras``): the Keras a model belongs
+to is read from the model object or file (:mod:`bnfuse.keras.compat`,
+:mod:`bnfuse.keras.detect`) and imported then; :mod:`bnfuse.api` imports this module
+lazily, only for Keras models.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ __all__ = ["KerasBackend"]
 
 
 class KerasBackend:
-    """Keras 3 models: ``.keras`` / ``.h5`` files or in-memory Functional/Sequential models."""
+    """Keras 3 and Keras 2 models: ``.keras`` / ``.h5`` files, Keras 2 SavedModel
+    directories, or in-memory Functional/Sequential models of either Keras."""
 
     name = "keras"
 
@@ -30,7 +33,8 @@ class KerasBackend:
         self.save_notes: list[str] = []
 
     def load(self, path: Path, *, unsafe_load: bool = False) -> Any:
-        """Read a ``.keras`` or ``.h5`` file (Keras safe mode on unless ``unsafe_load``)."""
+        """Read a ``.keras`` / ``.h5`` file or a Keras 2 SavedModel directory with the Keras
+        that wrote it (Lambda layers refused unless ``unsafe_load``)."""
         return self.accept(_io.load_model(Path(path), unsafe_load=unsafe_load))
 
     def accept(self, model: Any) -> Any:
@@ -62,7 +66,8 @@ class KerasBackend:
         return _runtime.bench_targets(model, threads)
 
     def save(self, model: Any, path: Path) -> None:
-        """Write ``.keras`` / ``.h5`` atomically, or ``.onnx`` via Keras's exporter."""
+        """Write ``.keras`` / ``.h5`` (a Keras 2 model: also a SavedModel directory)
+        atomically with the model's own Keras, or ``.onnx`` via tf2onnx."""
         self.save_notes = _io.save_model(model, Path(path))
 
     def complete(self, model: Any) -> Any:

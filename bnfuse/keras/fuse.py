@@ -20,15 +20,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import keras
 import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError
-from bnfuse.fold import Affine, bn_affine, check_bn, round_to
+from bnfuse.fold import Affine, round_to
 from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
 from bnfuse.keras import rules as R
+from bnfuse.keras.affines import affine_kind, flat_index, layer_affine
+from bnfuse.keras.compat import Flavor, flavor_of
 from bnfuse.keras.graph import INPUT, Node, Scope
 from bnfuse.reasons import EXCLUDED, overflow, refusal
 from bnfuse.result import Fold, Refusal
@@ -36,21 +37,20 @@ from bnfuse.result import Fold, Refusal
 __all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
 
 F64 = NDArray[np.float64]
-#: A forward fold planned into one layer: (node, rule, in_map or None, detail).
-_Plan = tuple[Node, R.Rule, Any, str]
+#: A forward fold planned into one layer: (node, rule, in_map or None, detail, affine).
+_Plan = tuple[Node, R.Rule, Any, str, Affine]
 EXCLUDED_REASON = EXCLUDED  # one wording for every backend (bnfuse/reasons.py)
-
-_Functional = keras.src.models.functional.Functional
 
 
 def is_graph_model(obj: Any) -> bool:
     """True for a plain Functional or Sequential model (a graph bnfuse can edit)."""
-    return type(obj) in (_Functional, keras.Sequential)
+    return flavor_of(obj).is_graph_model(obj)
 
 
 def check_rewritable(model: Any) -> None:
     """Raise :class:`UnsupportedModelError` unless ``model`` is a built graph model."""
-    if not isinstance(model, keras.Model):
+    fl = flavor_of(model)
+    if not isinstance(model, fl.model_cls):
         raise UnsupportedModelError(f"expected a keras.Model, got {type(model).__name__}")
     if not is_graph_model(model):
         raise UnsupportedModelError(
@@ -69,11 +69,7 @@ def _join(path: str, name: str) -> str:
 
 
 def _is_bn(layer: Any) -> bool:
-    return isinstance(layer, keras.layers.BatchNormalization)
-
-
-def _np(v: Any) -> F64:
-    return np.asarray(keras.ops.convert_to_numpy(v), dtype=np.float64)
+    return flavor_of(layer).is_bn(layer)
 
 
 @dataclass
@@ -82,20 +78,31 @@ class _BN:
     name: str
     layer: Any
     aff: Affine | None = None
-    axis: int | None = None  # normalized, counted with the batch dim
+    axis: int | None = None  # the one axis the affine varies over (batch dim counted)
     raw_axis: Any = None
     rank: int | None = None
     reason: str | None = None  # refused whatever the neighbours
+    kind: str = "BatchNormalization"  # or Normalization / Rescaling (forward only)
+    axes: tuple[int, ...] = ()  # every axis the affine varies over (several: Keras 2 BN)
+    dims: tuple[int, ...] = ()  # the input's sizes along ``axes``
+    code: str = ""  # refusal code of ``reason``
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.scope.path, self.name)
 
     def ready(self) -> tuple[Affine, int, int]:
-        """(affine, axis, rank) of a BN without a BN-level refusal."""
-        if self.aff is None or self.axis is None or self.rank is None:
+        """(affine, axis, rank) of a BN without a BN-level refusal; axis -1 when the
+        affine varies over several axes or none (see ``axes``)."""
+        if self.aff is None or self.rank is None:
             raise FusionInvariantError(f"BN '{self.name}' was tried although it was refused")
-        return self.aff, self.axis, self.rank
+        return self.aff, (self.axis if self.axis is not None else -1), self.rank
+
+    def axes_text(self) -> str:
+        """The axes, for messages: ``axes [1, 2]`` or ``no axis (a scalar)``."""
+        if not self.axes:
+            return "no axis (one scalar for every element)"
+        return f"axes {list(self.axes)}"
 
 
 @dataclass
@@ -106,6 +113,7 @@ class _Attempt:
     rule: str = ""
     reason: str | None = None
     fold: Fold | None = None
+    code: str = ""
 
 
 @dataclass
@@ -119,10 +127,12 @@ class _Store:
     def get(self, scope: Scope, name: str, layer: Any) -> dict[str, F64]:
         key = (scope.path, name)
         if key not in self.weights:
-            self.weights[key] = {v.name: _np(v) for v in layer.weights}
-            self.dtypes[key] = {
-                v.name: np.dtype(keras.backend.standardize_dtype(v.dtype)) for v in layer.weights
+            fl = flavor_of(layer)
+            self.weights[key] = {
+                fl.var_name(v, layer): np.asarray(fl.to_numpy(v), dtype=np.float64)
+                for v in layer.weights
             }
+            self.dtypes[key] = {fl.var_name(v, layer): fl.dtype(v) for v in layer.weights}
         return dict(self.weights[key])
 
     def check(self, scope: Scope, name: str, new: dict[str, F64]) -> str | None:
@@ -157,8 +167,9 @@ class _Pass:
     def __init__(self, model: Any, options: FuseOptions) -> None:
         self.model = model
         self.options = options
+        self.fl: Flavor = flavor_of(model)
         self.config = copy.deepcopy(model.get_config())
-        kind = "sequential" if isinstance(model, keras.Sequential) else "functional"
+        kind = "sequential" if self.fl.is_sequential(model) else "functional"
         self.root = Scope("", self.config, model, kind)
         self.scopes: list[Scope] = []
         self.opaque: list[Refusal] = []
@@ -168,8 +179,9 @@ class _Pass:
         for s in self.scopes:
             for name in s.names():
                 layer = s.live_layer(name)
-                if layer is not None and _is_bn(layer):
-                    self.bns.append(self._bn(s, name, layer))
+                akind = affine_kind(self.fl, layer) if layer is not None else None
+                if akind is not None:
+                    self.bns.append(self._bn(s, name, layer, akind))
 
     # -- discovery -------------------------------------------------------------------
 
@@ -180,13 +192,14 @@ class _Pass:
             layer = scope.live_layer(name)
             if layer is None:
                 continue
-            if isinstance(layer, _Functional):
-                scope.set_node_offset(name, 1)
+            offset = self.fl.node_offset(layer)
+            if offset:
+                scope.set_node_offset(name, offset)
             if is_graph_model(layer):
-                kind = "sequential" if isinstance(layer, keras.Sequential) else "functional"
+                kind = "sequential" if self.fl.is_sequential(layer) else "functional"
                 self._collect(Scope(_join(scope.path, name), e["config"], layer, kind))
                 continue
-            inner = [s for s in layer._flatten_layers(include_self=False) if _is_bn(s)]
+            inner = [s for s in self.fl.flatten_layers(layer, False) if _is_bn(s)]
             for sub in inner:
                 self.opaque.append(
                     refusal(
@@ -198,71 +211,55 @@ class _Pass:
                     )
                 )
 
-    def _bn(self, scope: Scope, name: str, layer: Any) -> _BN:
-        bn = _BN(scope, name, layer, raw_axis=getattr(layer, "axis", None))
+    def _bn(self, scope: Scope, name: str, layer: Any, kind: str) -> _BN:
+        raw: Any = None
+        if kind == "BatchNormalization":
+            raw = self.fl.bn_axis(layer)
+            if raw is not getattr(layer, "axis", None):  # (a Keras 2 virtual-batch BN)
+                scope.set_layer_config(name, axis=list(raw))
+        if isinstance(raw, list | tuple) and len(raw) == 1:
+            raw = raw[0]
+        bn = _BN(scope, name, layer, raw_axis=raw, kind=kind)
         nodes = scope.nodes(name)
-        if type(layer) is not keras.layers.BatchNormalization:
+        if kind == "BatchNormalization" and not self.fl.is_plain_bn(layer):
             bn.reason = (
                 f"subclass of BatchNormalization ({type(layer).__name__}): its call may differ"
             )
             return bn
-        axis = bn.raw_axis
-        if isinstance(axis, list | tuple) and len(axis) == 1:
-            axis = axis[0]
-        if not isinstance(axis, int | np.integer):
-            bn.reason = (
-                f"BN normalizes over several axes {list(axis)}: no single channel axis to fold"
-            )
-            return bn
-        shape = nodes[0].input_shape if nodes else None
-        if shape is None:
-            bn.reason = "BN input rank unknown"
-            return bn
-        bn.rank = len(shape)
-        if not -bn.rank <= int(axis) < bn.rank:
-            bn.reason = f"BN axis {axis} out of range for rank {bn.rank}"
-            return bn
-        bn.axis = int(axis) % bn.rank
-        if bn.axis == 0:
-            bn.reason = "BN normalizes the batch axis"
-            return bn
         for n in nodes:
             training = n.kwargs.get("training")
-            if training is not None and training is not False:
+            if kind == "BatchNormalization" and training is not None and training is not False:
                 bn.reason = (
                     "BN is called with training=True (batch statistics, not a constant affine)"
                 )
+                bn.code = "training-mode"
                 return bn
-        mean = _np(layer.moving_mean)
-        var = _np(layer.moving_variance)
-        gamma = _np(layer.gamma) if layer.scale else None
-        beta = _np(layer.beta) if layer.center else None
-        bad = check_bn(mean, var, layer.epsilon, gamma, beta)
-        if bad:
-            bn.reason = bad
+        got = layer_affine(self.fl, layer, kind, nodes[0].input_shape if nodes else None)
+        bn.rank, bn.axes, bn.dims = got.rank, got.axes, got.dims
+        if got.reason is not None or got.aff is None:
+            bn.reason, bn.code = got.reason or f"{kind} is not an affine", got.code
             return bn
-        bn.aff = bn_affine(mean, var, layer.epsilon, gamma, beta)
+        bn.aff = got.aff
+        bn.axis = got.axes[0] if len(got.axes) == 1 else None
         return bn
 
     # -- the loop --------------------------------------------------------------------
 
     def run(self) -> PassResult:
         done: dict[tuple[str, str], Fold] = {}
-        refused: dict[tuple[str, str], str] = {}
-        kept: set[tuple[str, str]] = set()  # by --keep: refusal code "excluded"
+        refused: dict[tuple[str, str], tuple[str, str]] = {}  # key -> (reason, code)
         for bn in self.bns:
             if (
                 bn.name in self.options.exclude
                 or _join(bn.scope.path, bn.name) in self.options.exclude
             ):
-                refused[bn.key] = EXCLUDED_REASON
+                refused[bn.key] = (EXCLUDED_REASON, "excluded")
             elif self.options.keep and (
                 pattern := kept_by((bn.name, _join(bn.scope.path, bn.name)), self.options.keep)
             ):
-                refused[bn.key] = kept_reason(pattern)
-                kept.add(bn.key)
+                refused[bn.key] = (kept_reason(pattern), KEPT_CODE)
             elif bn.reason is not None:
-                refused[bn.key] = bn.reason
+                refused[bn.key] = (bn.reason, bn.code)
         for with_forward in (False, True):
             if with_forward and not self.options.forward:
                 break
@@ -281,9 +278,13 @@ class _Pass:
         for bn in self.bns:
             if bn.key in done:
                 continue
+            if bn.kind != "BatchNormalization" and not self._next_is_linear(bn):
+                continue  # a Rescaling/Normalization with nothing to fold into: not news
             if bn.key in refused:
-                code = KEPT_CODE if bn.key in kept else None
-                refusals.append(refusal(bn.name, refused[bn.key], scope=bn.scope.path, code=code))
+                reason, code = refused[bn.key]
+                refusals.append(
+                    refusal(bn.name, reason, kind=bn.kind, scope=bn.scope.path, code=code or None)
+                )
             else:
                 refusals.append(self._refusal(bn))
         refusals.extend(self.opaque)
@@ -305,22 +306,28 @@ class _Pass:
         fwd = self._forward(bn, apply=False)
         if not self.options.forward and fwd.candidate:
             fwd = _Attempt(True, rule=fwd.rule, reason="forward folding is disabled")
+        code = ""
         if back.candidate and fwd.candidate:
             reason = f"{back.reason}; forward: {fwd.reason}"
-            rule = back.rule
+            rule, code = back.rule, back.code or fwd.code
         elif back.candidate:
-            reason, rule = back.reason or "", back.rule
+            reason, rule, code = back.reason or "", back.rule, back.code
         elif fwd.candidate:
-            reason, rule = fwd.reason or "", fwd.rule
+            reason, rule, code = fwd.reason or "", fwd.rule, fwd.code
         else:
-            reason = f"no linear layer next to BN ({back.reason}; {fwd.reason})"
-            rule = ""
-        return refusal(bn.name, reason, rule=rule, scope=bn.scope.path)
+            what = "BN" if bn.kind == "BatchNormalization" else bn.kind
+            reason = f"no linear layer next to {what} ({back.reason}; {fwd.reason})"
+            rule, code = "", "no-partner"
+        return refusal(
+            bn.name, reason, kind=bn.kind, rule=rule, scope=bn.scope.path, code=code or None
+        )
 
     # -- backward --------------------------------------------------------------------
 
     def _backward(self, bn: _BN, apply: bool) -> _Attempt:
         s = bn.scope
+        if bn.kind != "BatchNormalization":
+            return _Attempt(False, reason=f"before: a {bn.kind} layer folds forward only")
         nodes = s.nodes(bn.name)
         if not nodes or any(n.primary is None for n in nodes):
             return _Attempt(False, reason="BN input is not a single tensor")
@@ -367,11 +374,19 @@ class _Pass:
             return att
         aff, axis, rank = bn.ready()
         ch = rule.kind.channel_axis(prod, rank)
+        if bn.axis is None:
+            att.reason = (
+                f"BN normalizes over {bn.axes_text()}; a backward fold needs exactly the "
+                f"channel axis of '{pname}' (axis {ch} of rank {rank})"
+            )
+            att.code = "axis-mismatch"
+            return att
         if axis != ch:
             att.reason = (
                 f"BN axis {bn.raw_axis} is not the channel axis of '{pname}' (axis {ch} of "
                 f"rank {rank})"
             )
+            att.code = "axis-mismatch"
             return att
         w = self.store.get(s, pname, prod)
         if rule.kind.out_channels(prod, w) != aff.channels:
@@ -445,17 +460,19 @@ class _Pass:
         if reasons:
             rule_name, reason = reasons[0]
             att.rule = rule_name or att.rule
+            att.code = _forward_code(reason)
+            what = "BN" if bn.kind == "BatchNormalization" else bn.kind
             att.reason = (
                 reason
                 if len(plans) + len(reasons) == 1
-                else f"not every layer after BN can take it: {reason}"
+                else f"not every layer after {what} can take it: {reason}"
             )
             return att
         aff = bn.ready()[0]
         news: list[tuple[str, dict[str, F64], Any]] = []
-        for node, rule, in_map, _ in plans:
+        for node, rule, in_map, _, paff in plans:
             layer = s.live_layer(node.layer)
-            new = rule.kind.forward(layer, self.store.get(s, node.layer, layer), aff, in_map)
+            new = rule.kind.forward(layer, self.store.get(s, node.layer, layer), paff, in_map)
             bad = self.store.check(s, node.layer, new)
             if bad:
                 att.reason = bad
@@ -464,7 +481,7 @@ class _Pass:
         if not apply:
             return att
         details = []
-        for (lname, new, layer), (_, _, _, det) in zip(news, plans, strict=True):
+        for (lname, new, layer), (_, _, _, det, _) in zip(news, plans, strict=True):
             self.store.put(s, lname, new)
             if not getattr(layer, "use_bias", True):
                 s.set_layer_config(lname, use_bias=True)
@@ -479,10 +496,28 @@ class _Pass:
             rule="+".join(rule_names),
             direction="forward",
             channels=aff.channels,
+            kind=bn.kind,
             detail="; ".join(dict.fromkeys(details)),
             scope=s.path,
         )
         return att
+
+    def _next_is_linear(self, bn: _BN) -> bool:
+        """Does a linear layer (or a Flatten into one) take this layer's output?"""
+        s = bn.scope
+        for n in s.nodes(bn.name):
+            for u in s.consumers(n.output(0)):
+                layer = s.live_layer(u.layer)
+                if layer is None:
+                    continue
+                if R.forward_rule_for(layer) is not None:
+                    return True
+                if self._flatten_like(layer) is not None and any(
+                    (f := s.live_layer(c.layer)) is not None and R.KINDS["dense"].matches(f)
+                    for c in s.consumers(u.output(0))
+                ):
+                    return True
+        return False
 
     def _forward_targets(self, bn: _BN, user: Node) -> str | tuple[R.Rule, list[_Plan | str]]:
         """The rule that matched and, per layer ``user`` leads to, a plan or why that layer
@@ -494,7 +529,6 @@ class _Pass:
         if layer is None:
             return f"{cls} '{user.layer}' is not a linear layer"
         rule = R.forward_rule_for(layer)
-        axis = bn.ready()[1]
         if rule is not None:
             return rule, [self._forward_check(bn, user, layer, rule, None, "")]
         flat = self._flatten_like(layer)
@@ -521,8 +555,8 @@ class _Pass:
         if s.is_output(fout):
             results.append(f"output of '{user.layer}' is a model output")
             return dense_rule, results
-        idx = R.flatten_channel_index(
-            tuple(int(d) for d in shape[1:] if d is not None), axis, flat == "channels_first"
+        idx = flat_index(
+            tuple(int(d) for d in shape[1:] if d is not None), bn.axes, flat == "channels_first"
         )
         for f in fusers:
             lay = s.live_layer(f.layer)
@@ -539,12 +573,12 @@ class _Pass:
             )
         return dense_rule, results
 
-    @staticmethod
-    def _flatten_like(layer: Any) -> str | None:
+    def _flatten_like(self, layer: Any) -> str | None:
         """'channels_last'/'channels_first' for a Flatten (or a 1-D Reshape), else None."""
-        if type(layer) is keras.layers.Flatten:
-            return "channels_first" if getattr(layer, "_channels_first", False) else "channels_last"
-        if type(layer) is keras.layers.Reshape and len(tuple(layer.target_shape)) == 1:
+        L = self.fl.layers
+        if type(layer) is L.Flatten:
+            return "channels_first" if self.fl.flatten_channels_first(layer) else "channels_last"
+        if type(layer) is L.Reshape and len(tuple(layer.target_shape)) == 1:
             return "channels_last"
         return None
 
@@ -562,15 +596,22 @@ class _Pass:
         bad = R.layer_refusal(layer)
         if bad:
             return bad
+        w = self.store.get(s, user.layer, layer)
+        kernel = w["depthwise_kernel"] if rule.kind.key == "separable" else w["kernel"]
         if in_map is None:
             ch = rule.kind.channel_axis(layer, rank)
-            if axis != ch:
+            if not bn.axes:  # one scalar: the same value on every input channel
+                aff = _spread(aff, _in_channels(rule, layer, kernel))
+            elif bn.axis is None:
+                return (
+                    f"{bn.kind} varies over {bn.axes_text()}, not only the input channel "
+                    f"axis of '{user.layer}' (axis {ch} of rank {rank})"
+                )
+            elif axis != ch:
                 return (
                     f"BN axis {bn.raw_axis} is not the input channel axis of '{user.layer}' "
                     f"(axis {ch} of rank {rank})"
                 )
-        w = self.store.get(s, user.layer, layer)
-        kernel = w["depthwise_kernel"] if rule.kind.key == "separable" else w["kernel"]
         n_in = int(in_map.shape[0]) if in_map is not None else None
         if rule.kind.key == "dense":
             if n_in is not None and n_in != kernel.shape[0]:
@@ -588,30 +629,28 @@ class _Pass:
         reason, exact_detail = rule.kind.forward_exactness(layer, aff, user.input_shape)
         if reason:
             return reason
-        return (user, rule, in_map, ", ".join(x for x in (detail, exact_detail) if x))
+        return (user, rule, in_map, ", ".join(x for x in (detail, exact_detail) if x), aff)
 
     # -- rebuild ---------------------------------------------------------------------
 
     def _custom_objects(self) -> dict[str, Any]:
         objs: dict[str, Any] = {}
-        for layer in self.model._flatten_layers(include_self=True):
+        fl = self.fl
+        for layer in fl.flatten_layers(self.model):
             cls = type(layer)
-            if not cls.__module__.startswith("keras"):
+            if not fl.builtin_module(cls.__module__):
                 objs[cls.__name__] = cls
-                reg = keras.saving.get_registered_name(cls)
-                objs[reg] = cls
+                objs[fl.registered_name(cls)] = cls
             act = getattr(layer, "activation", None)
-            if callable(act) and not getattr(act, "__module__", "keras").startswith("keras"):
+            if callable(act) and not fl.builtin_module(getattr(act, "__module__", "keras")):
                 objs[getattr(act, "__name__", repr(act))] = act
         return objs
 
     def _rebuild(self) -> Any:
-        from keras.src.saving.serialization_lib import SafeModeScope
-
         cls = type(self.model)
         # The model is already in memory: rebuilding its Lambda layers from our own copy of
         # its config runs no code that is not already loaded, so safe mode is off here.
-        with keras.saving.custom_object_scope(self._custom_objects()), SafeModeScope(False):
+        with self.fl.rebuild_scope(self._custom_objects()):
             new = cls.from_config(copy.deepcopy(self.config))
         self._copy_weights(self.model, new, "")
         return new
@@ -631,42 +670,66 @@ class _Pass:
             folded = self.store.rounded(path, name)
             if folded is not None:
                 for v in layer.weights:
-                    if v.name not in folded:
+                    vname = self.fl.var_name(v, layer)
+                    if vname not in folded:
                         raise FusionInvariantError(
-                            f"no folded value for variable '{v.name}' of layer '{name}'"
+                            f"no folded value for variable '{vname}' of layer '{name}'"
                         )
-                    if tuple(v.shape) != folded[v.name].shape:
+                    if tuple(v.shape) != folded[vname].shape:
                         raise FusionInvariantError(
-                            f"folded '{name}/{v.name}' has shape {folded[v.name].shape}, "
+                            f"folded '{name}/{vname}' has shape {folded[vname].shape}, "
                             f"expected {tuple(v.shape)}"
                         )
-                    v.assign(folded[v.name])
+                    v.assign(folded[vname])
                 continue
             if old is None or type(old) is not type(layer):
                 if layer.weights:
                     raise FusionInvariantError(f"layer '{name}' has no original to copy from")
                 continue
-            olds = old._flatten_layers(include_self=True)
-            news = layer._flatten_layers(include_self=True)
-            if len(olds) != len(news):
-                raise FusionInvariantError(f"layer '{name}' changed structure when rebuilt")
-            for o, n in zip(olds, news, strict=True):
-                store: dict[str, Any] = {}
-                o.save_own_variables(store)
-                n.load_own_variables(store)
+            try:
+                self.fl.copy_variables(old, layer)
+            except ValueError as exc:
+                raise FusionInvariantError(str(exc)) from None
 
     def _postcondition(self, new_model: Any, folds: list[Fold]) -> None:
-        before = sum(1 for _ in _iter_bns(self.model))
-        after = sum(1 for _ in _iter_bns(new_model))
+        before = sum(1 for _ in _iter_affines(self.fl, self.model))
+        after = sum(1 for _ in _iter_affines(self.fl, new_model))
         if after != before - len(folds):
             raise FusionInvariantError(
-                f"{before} BN layers before, {len(folds)} folded, but {after} remain"
+                f"{before} BN/affine layers before, {len(folds)} folded, but {after} remain"
             )
 
 
-def _iter_bns(model: Any) -> Iterator[Any]:
-    for layer in model._flatten_layers(include_self=False):
-        if _is_bn(layer):
+def _in_channels(rule: R.Rule, layer: Any, kernel: Any) -> int:
+    """Input channels of a linear layer, from its (first) kernel."""
+    if rule.kind.key == "dense":
+        return int(kernel.shape[0])
+    if rule.kind.key == "conv":
+        return int(kernel.shape[-2]) * int(getattr(layer, "groups", 1) or 1)
+    if rule.kind.key == "transpose":
+        return int(kernel.shape[-1])
+    return int(kernel.shape[-2])
+
+
+def _spread(aff: Affine, channels: int) -> Affine:
+    """A one-entry (scalar) affine as a per-channel one."""
+    return Affine(np.full(channels, aff.scale[0]), np.full(channels, aff.shift[0]))
+
+
+def _forward_code(reason: str) -> str:
+    """The refusal code of a forward reason this module writes."""
+    if reason in (R.PADDING_REASON, R.TRANSPOSE_SHIFT_REASON):
+        return "padding"
+    if "channel axis" in reason:
+        return "axis-mismatch"
+    if "not a linear layer" in reason or "not followed by Dense" in reason:
+        return "no-partner"
+    return "other"
+
+
+def _iter_affines(fl: Flavor, model: Any) -> Iterator[Any]:
+    for layer in fl.flatten_layers(model, include_self=False):
+        if affine_kind(fl, layer) is not None:
             yield layer
 
 

@@ -60,6 +60,50 @@ def _ref(tensor: dict[str, Any]) -> TensorRef:
     return (str(h[0]), int(h[1]), int(h[2]))
 
 
+def _is_k2_ref(obj: Any) -> bool:
+    """A Keras 2 tensor reference: ``[layer, node, tensor]`` or ``[..., call kwargs]``."""
+    return (
+        isinstance(obj, list)
+        and len(obj) in (3, 4)
+        and isinstance(obj[0], str)
+        and isinstance(obj[1], int)
+        and isinstance(obj[2], int)
+        and (len(obj) == 3 or isinstance(obj[3], dict))
+    )
+
+
+def _k2_refs(struct: Any) -> Iterator[list[Any]]:
+    """Every (mutable) tensor reference in a Keras 2 node, in order, kwargs included.
+
+    A Keras 2 node is a list of ``[layer, node, tensor, kwargs]`` entries, or, for a
+    TFOpLambda called on one tensor, that one entry itself; tensors in the kwargs are
+    ``[layer, node, tensor]`` lists."""
+    if _is_k2_ref(struct):
+        yield struct
+        if len(struct) == 4:
+            yield from _k2_refs(struct[3])
+    elif isinstance(struct, dict):
+        for v in struct.values():
+            yield from _k2_refs(v)
+    elif isinstance(struct, list):
+        for v in struct:
+            yield from _k2_refs(v)
+
+
+def _k2_kwargs(nd: list[Any]) -> dict[str, Any]:
+    """The call kwargs of a Keras 2 node (those of its first entry)."""
+    first = nd if _is_k2_ref(nd) else (nd[0] if nd and _is_k2_ref(nd[0]) else None)
+    if first is not None and len(first) == 4:
+        return dict(first[3])
+    return {}
+
+
+def _retarget(ref: list[Any], name: str, replacement: dict[int, TensorRef]) -> None:
+    """Point a Keras 2 tensor reference at ``name``'s node ``k`` to ``replacement[k]``."""
+    if ref[0] == name and ref[2] == 0 and ref[1] in replacement:
+        ref[0], ref[1], ref[2] = replacement[ref[1]]
+
+
 def _is_leaf_ref(obj: Any) -> bool:
     return (
         isinstance(obj, list | tuple)
@@ -148,6 +192,9 @@ class Scope:
         off = self._node_offset.get(name, 0)
         lst = []
         for k, nd in enumerate(e.get("inbound_nodes", [])):
+            if isinstance(nd, list):  # Keras 2 (Keras 3 nodes are dicts)
+                lst.append(self._parse_k2(e, name, k + off, nd))
+                continue
             args = nd.get("args", []) if isinstance(nd, dict) else []
             kwargs = nd.get("kwargs", {}) if isinstance(nd, dict) else {}
             tensors = list(_walk_tensors(args)) + list(_walk_tensors(kwargs))
@@ -162,6 +209,16 @@ class Scope:
                 Node(name, k + off, [_ref(t) for t in tensors], primary, dict(kwargs), shape)
             )
         return lst
+
+    @staticmethod
+    def _parse_k2(e: dict[str, Any], name: str, index: int, nd: list[Any]) -> Node:
+        """One Keras 2 call node (see :func:`_k2_refs`); the input shape comes from
+        ``build_config``."""
+        refs: list[TensorRef] = [(str(t[0]), int(t[1]), int(t[2])) for t in _k2_refs(nd)]
+        kwargs = _k2_kwargs(nd)
+        primary = refs[0] if len(refs) == 1 else None
+        shape = _shape((e.get("build_config") or {}).get("input_shape")) if primary else None
+        return Node(name, index, refs, primary, dict(kwargs), shape)
 
     def _build(self) -> dict[str, list[Node]]:
         if self._cache is not None:
@@ -257,6 +314,10 @@ class Scope:
         del cache[name]
         for lname in affected:
             e = self.entry(lname)
+            for nd in e.get("inbound_nodes", []):
+                if isinstance(nd, list):
+                    for ref in _k2_refs(nd):
+                        _retarget(ref, name, replacement)
             for t in _walk_tensors(e.get("inbound_nodes", [])):
                 r = _ref(t)
                 if r[0] == name and r[2] == 0 and r[1] in replacement:
@@ -281,7 +342,9 @@ class Scope:
             new["name"] = name
             # the BN's call kwargs (mask, training) mean nothing to an Identity
             new["inbound_nodes"] = [
-                {"args": nd.get("args", []), "kwargs": {}} if isinstance(nd, dict) else nd
+                {"args": nd.get("args", []), "kwargs": {}}
+                if isinstance(nd, dict)
+                else [[*t[:3], {}] for t in nd if _is_k2_ref(t)]
                 for nd in e.get("inbound_nodes", [])
             ]
         e.clear()

@@ -7,17 +7,15 @@ rewritten).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bnfuse.backend import FuseOptions, atomic_path
+from bnfuse.backend import atomic_path
 from bnfuse.errors import (
     BnfuseError,
     MissingDependencyError,
@@ -26,6 +24,9 @@ from bnfuse.errors import (
     UsageError,
     first_line,
 )
+from bnfuse.keras.compat import flavor, flavor_of
+from bnfuse.keras.detect import detect, stored_config
+from bnfuse.keras.onnx_export import fold_export
 
 __all__ = ["export_onnx", "load_model", "save_model"]
 
@@ -54,47 +55,6 @@ def _lambda_names(cfg: Any) -> list[str]:
     ]
 
 
-def _read_config(path: Path) -> Any:
-    """The model config stored in a .keras or .h5 file (raises ModelLoadError)."""
-    suffix = path.suffix.lower()
-    if suffix == ".keras":
-        if not zipfile.is_zipfile(path):
-            raise ModelLoadError(f"{path}: not a .keras file (not a zip archive)")
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-                if "config.json" not in names:
-                    raise ModelLoadError(
-                        f"{path}: zip archive without a Keras model (no config.json inside)"
-                    )
-                raw = zf.read("config.json")
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ModelLoadError(f"{path}: damaged .keras archive: {first_line(exc)}") from None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise ModelLoadError(f"{path}: config.json is not valid JSON") from None
-    try:
-        import h5py
-    except ModuleNotFoundError:
-        raise MissingDependencyError("h5py", "keras") from None
-    try:
-        with h5py.File(path, "r") as f:
-            attr = f.attrs.get("model_config")
-            if attr is None:
-                raise ModelLoadError(
-                    f"{path}: HDF5 file without a model config (a weights-only file?)"
-                )
-            text = attr.decode("utf-8") if isinstance(attr, bytes) else str(attr)
-            return json.loads(text)
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"{path}: not a readable HDF5 model (truncated or corrupt?): {first_line(exc)}"
-        ) from None
-
-
 def _unknown_class(message: str) -> str | None:
     for pat in (
         r"Could not locate (?:class|function) '([^']+)'",
@@ -108,22 +68,21 @@ def _unknown_class(message: str) -> str | None:
 
 
 def load_model(path: Path, *, unsafe_load: bool = False) -> Any:
-    """Load a ``.keras`` / ``.h5`` model without compiling it."""
+    """Load a ``.keras`` / ``.h5`` model or a Keras 2 SavedModel directory, uncompiled,
+    with the Keras that wrote it (see :mod:`bnfuse.keras.detect`)."""
     path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ModelLoadError(f"{path}: is a directory (SavedModel directories are not supported)")
-    suffix = path.suffix.lower()
-    if suffix not in (".keras", ".h5", ".hdf5"):
-        raise ModelLoadError(f"{path}: not a Keras model file (.keras or .h5)")
-    cfg = _read_config(path)
+    mf = detect(path)
+    cfg = stored_config(mf)  # read before anything is deserialized
     lambdas = _lambda_names(cfg)
     if lambdas and not unsafe_load:
         raise ModelLoadError(
             f"{path}: contains Lambda layer(s) {', '.join(repr(n) for n in lambdas[:3])}; "
             + _UNSAFE_HINT
         )
+    if mf.version == 2:
+        from bnfuse.keras import keras2_io
+
+        return keras2_io.load(mf, unsafe_load=unsafe_load)
     for c in _walk_layer_configs(cfg):
         axis = c["config"].get("axis")
         if c.get("class_name") == "BatchNormalization" and isinstance(axis, list) and len(axis) > 1:
@@ -132,7 +91,7 @@ def load_model(path: Path, *, unsafe_load: bool = False) -> Any:
                 f"several axes {axis} (tf.keras 2); Keras 3 only supports a single BN axis, so "
                 "it cannot load this model"
             )
-    import keras
+    keras = flavor(3).module  # MissingDependencyError (exit 4) where Keras 3 is missing
 
     try:
         with warnings.catch_warnings():
@@ -164,8 +123,13 @@ def load_model(path: Path, *, unsafe_load: bool = False) -> Any:
 
 
 def save_model(model: Any, path: Path) -> list[str]:
-    """Write ``model`` to ``path`` (.keras, .h5 or .onnx) atomically; returns notes."""
+    """Write ``model`` to ``path`` (.keras, .h5 or .onnx; a Keras 2 model also a
+    SavedModel directory) atomically, with the Keras it belongs to; returns notes."""
     path = Path(path)
+    if flavor_of(model).version == 2:
+        from bnfuse.keras import keras2_io
+
+        return keras2_io.save(model, path)
     suffix = path.suffix.lower()
     if suffix in (".keras", ".h5", ".hdf5"):
         with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -178,21 +142,7 @@ def save_model(model: Any, path: Path) -> list[str]:
 
 
 def _input_signature(model: Any) -> Any:
-    try:
-        from keras.src.export.export_utils import get_input_signature
-
-        return get_input_signature(model)
-    except Exception:
-        return None
-
-
-def _onnx_backend() -> Any:
-    """The ONNX backend, or None where it is not available."""
-    try:
-        from bnfuse.onnx.backend import OnnxBackend
-    except ImportError:
-        return None
-    return OnnxBackend()
+    return flavor_of(model).input_signature(model)
 
 
 def export_onnx(model: Any, path: Path) -> list[str]:
@@ -218,20 +168,6 @@ def export_onnx(model: Any, path: Path) -> list[str]:
                     f"ONNX export failed (Keras exporter / tf2onnx, dtype policy {policy}): "
                     f"{first_line(exc)}"
                 ) from None
-        onnx_backend = _onnx_backend()
-        if onnx_backend is None:
-            notes.append(
-                "ONNX backend not available: the export was written without an ONNX fold pass"
-            )
-            with atomic_path(path) as final:  # (which gives it the output's mode)
-                os.replace(tmp, final)
-            return notes
-        ob = onnx_backend
-        exported = ob.load(tmp)
-        res = ob.fuse(exported, FuseOptions())
-        if res.folds:
-            notes.append(f"ONNX fold pass over the export folded {len(res.folds)} more node(s)")
-        ob.save(res.model, path)
-        return notes
+        return notes + fold_export(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

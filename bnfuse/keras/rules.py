@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import keras
 import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.fold import Affine, channel_map, fold_backward, fold_forward
+from bnfuse.keras.compat import flavor_of_class
 from bnfuse.reasons import PADDING, TRANSPOSE_SHIFT
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "Kind",
     "Rule",
     "backward_rule_for",
-    "flatten_channel_index",
     "forward_rule_for",
     "rule_by_name",
     "rule_names",
@@ -91,11 +90,15 @@ class Kind:
     """A linear layer kind and its weight layout."""
 
     key: str
-    types: tuple[type, ...]
+    types: tuple[str, ...]  # class names, the same in Keras 3 and Keras 2
     kernel: str  # the variable the output channels live in (backward fold)
 
     def matches(self, layer: Any) -> bool:
-        return type(layer) in self.types
+        cls = type(layer)
+        if cls.__name__ not in self.types:
+            return False
+        fl = flavor_of_class(cls)
+        return fl is not None and cls in fl.classes(self.types)
 
     def channel_axis(self, layer: Any, rank: int) -> int:
         """Axis of the channels in this layer's input and output tensors (of ``rank``)."""
@@ -206,14 +209,13 @@ class Kind:
 
 
 def _kinds() -> dict[str, Kind]:
-    L = keras.layers
     return {
-        "dense": Kind("dense", (L.Dense,), "kernel"),
-        "conv": Kind("conv", (L.Conv1D, L.Conv2D, L.Conv3D), "kernel"),
-        "depthwise": Kind("depthwise", (L.DepthwiseConv1D, L.DepthwiseConv2D), "kernel"),
-        "separable": Kind("separable", (L.SeparableConv1D, L.SeparableConv2D), "pointwise_kernel"),
+        "dense": Kind("dense", ("Dense",), "kernel"),
+        "conv": Kind("conv", ("Conv1D", "Conv2D", "Conv3D"), "kernel"),
+        "depthwise": Kind("depthwise", ("DepthwiseConv1D", "DepthwiseConv2D"), "kernel"),
+        "separable": Kind("separable", ("SeparableConv1D", "SeparableConv2D"), "pointwise_kernel"),
         "transpose": Kind(
-            "transpose", (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose), "kernel"
+            "transpose", ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"), "kernel"
         ),
     }
 
@@ -313,25 +315,6 @@ def forward_rule_for(layer: Any, via_flatten: bool = False) -> Rule | None:
         if r.via_flatten == via_flatten and r.kind.matches(layer):
             return r
     return None
-
-
-def flatten_channel_index(
-    in_shape: tuple[int, ...], axis: int, channels_first: bool
-) -> NDArray[np.int64]:
-    """BN channel of every feature that Flatten produces from an input of ``in_shape``.
-
-    ``in_shape`` excludes the batch dimension; ``axis`` is the BN axis counted with the
-    batch dimension (>= 1). Mirrors ``keras.layers.Flatten``: channels_first inputs are
-    transposed to channels_last before the row-major flatten.
-    """
-    dims = tuple(in_shape)
-    a = axis - 1
-    shape = [1] * len(dims)
-    shape[a] = dims[a]
-    idx = np.broadcast_to(np.arange(dims[a], dtype=np.int64).reshape(shape), dims)
-    if channels_first and len(dims) > 1:
-        idx = np.transpose(idx, (*range(1, len(dims)), 0))
-    return np.ascontiguousarray(idx).reshape(-1)
 
 
 def layer_refusal(layer: Any) -> str | None:

@@ -7,10 +7,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 
 from bnfuse.backend import BenchTarget, InputSpec
+from bnfuse.keras.compat import flavor_of
 from bnfuse.result import ModelStats
 
 __all__ = ["KerasRunner", "bench_targets", "configure_threads", "model_stats"]
@@ -22,12 +22,7 @@ def _input_tensors(model: Any) -> list[Any]:
 
 def input_names(model: Any) -> list[str]:
     """Names of the model's inputs (their InputLayer names), in ``model.inputs`` order."""
-    names = []
-    for i, t in enumerate(_input_tensors(model)):
-        hist = getattr(t, "_keras_history", None)
-        op = getattr(hist, "operation", None) if hist is not None else None
-        names.append(getattr(op, "name", None) or getattr(t, "name", None) or f"input_{i}")
-    return names
+    return flavor_of(model).input_names(model)
 
 
 def output_names(model: Any) -> list[str]:
@@ -36,25 +31,25 @@ def output_names(model: Any) -> list[str]:
     if names and len(names) == len(model.outputs):
         return [str(n) for n in names]
     out = []
+    attr = "layer" if flavor_of(model).version == 2 else "operation"
     for i, t in enumerate(model.outputs):
         hist = getattr(t, "_keras_history", None)
-        op = getattr(hist, "operation", None) if hist is not None else None
+        op = getattr(hist, attr, None) if hist is not None else None
         out.append(getattr(op, "name", None) or f"output_{i}")
     return out
 
 
 def _pack(model: Any, flat: list[Any]) -> Any:
-    struct = getattr(model, "_inputs_struct", None)
-    if struct is not None:
-        try:
-            return keras.tree.pack_sequence_as(struct, flat)
-        except (TypeError, ValueError):
-            pass
-    return flat[0] if len(flat) == 1 else flat
+    return flavor_of(model).pack_inputs(model, flat)
 
 
-def _to_numpy(out: Any) -> list[np.ndarray]:
-    return [np.asarray(keras.ops.convert_to_numpy(o)) for o in keras.tree.flatten(out)]
+def _to_numpy_of(model: Any) -> Any:
+    fl = flavor_of(model)
+
+    def to_numpy(out: Any) -> list[np.ndarray]:
+        return [np.asarray(fl.to_numpy(o)) for o in fl.flatten(out)]
+
+    return to_numpy
 
 
 class KerasRunner:
@@ -64,11 +59,15 @@ class KerasRunner:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        fl = flavor_of(model)
+        if fl.version == 2:
+            self.runtime = f"{fl.label} model(x, training=False)"
+        self._to_numpy = _to_numpy_of(model)
         self._names = input_names(model)
         self._inputs = [
             InputSpec(
                 name=n,
-                dtype=np.dtype(keras.backend.standardize_dtype(t.dtype)),
+                dtype=fl.dtype(t),
                 shape=tuple(None if d is None else int(d) for d in t.shape),
             )
             for n, t in zip(self._names, _input_tensors(model), strict=True)
@@ -85,7 +84,7 @@ class KerasRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         flat = [np.asarray(feeds[n]) for n in self._names]
-        return _to_numpy(self.model(_pack(self.model, flat), training=False))
+        return self._to_numpy(self.model(_pack(self.model, flat), training=False))
 
 
 def configure_threads(threads: int) -> str:
@@ -121,10 +120,15 @@ def bench_targets(model: Any, threads: int) -> list[BenchTarget]:
 
     note = configure_threads(threads)
     names = input_names(model)
+    _to_numpy = _to_numpy_of(model)
+    prefix = "keras" if flavor_of(model).version == 3 else "tf_keras"
 
     def prepare_function() -> Callable[[Mapping[str, np.ndarray]], Any]:
         # the first call traces (timed by the benchmark as the first run)
-        fn = tf.function(lambda *xs: model(_pack(model, list(xs)), training=False))
+        # bnfuse's own packing runs as plain Python while tracing (autograph would
+        # rewrite bnfuse's code, and needs not: it has no tensor-dependent control flow)
+        pack = tf.autograph.experimental.do_not_convert(_pack)
+        fn = tf.function(lambda *xs: model(pack(model, list(xs)), training=False))
 
         def call(feeds: Mapping[str, np.ndarray]) -> Any:
             return _to_numpy(fn(*[feeds[n] for n in names]))
@@ -139,8 +143,8 @@ def bench_targets(model: Any, threads: int) -> list[BenchTarget]:
         return call
 
     return [
-        BenchTarget("keras tf.function", prepare_function, note),
-        BenchTarget("keras eager", prepare_eager, note),
+        BenchTarget(f"{prefix} tf.function", prepare_function, note),
+        BenchTarget(f"{prefix} eager", prepare_eager, note),
     ]
 
 
@@ -152,9 +156,10 @@ def _count(weights: Sequence[Any]) -> int:
 def _leaf_layers(model: Any) -> list[Any]:
     from bnfuse.keras.fuse import is_graph_model
 
+    fl = flavor_of(model)
     out = []
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
+        if isinstance(layer, fl.layers.InputLayer):
             continue
         if is_graph_model(layer):
             out.extend(_leaf_layers(layer))
@@ -165,14 +170,19 @@ def _leaf_layers(model: Any) -> list[Any]:
 
 def model_stats(model: Any, path: Path | None = None) -> ModelStats:
     """Counts as ``model.summary()`` shows them; nodes = layers (nested models expanded)."""
-    trainable = _count(model.trainable_weights)
-    non_trainable = _count(model.non_trainable_weights)
-    bns = sum(
-        1
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    )
-    size = Path(path).stat().st_size if path is not None and Path(path).is_file() else None
+    fl = flavor_of(model)
+    if fl.version == 2:  # tf.keras's summary counts each variable once
+        trainable = fl.count_params(model.trainable_weights)
+        non_trainable = fl.count_params(model.non_trainable_weights)
+    else:
+        trainable = _count(model.trainable_weights)
+        non_trainable = _count(model.non_trainable_weights)
+    bns = sum(1 for layer in fl.flatten_layers(model, include_self=False) if fl.is_bn(layer))
+    size = None
+    if path is not None and Path(path).is_file():
+        size = Path(path).stat().st_size
+    elif path is not None and Path(path).is_dir():  # a SavedModel directory: every file in it
+        size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
     return ModelStats(
         nodes=len(_leaf_layers(model)),
         bn_nodes=bns,

@@ -112,9 +112,9 @@ def test_outputs_get_the_permissions_of_a_new_file(
     if suffix == ".onnx":
         pytest.importorskip("tf2onnx")
     if not onnx_backend:
-        import bnfuse.keras.io as keras_io
+        import bnfuse.keras.onnx_export as onnx_export
 
-        monkeypatch.setattr(keras_io, "_onnx_backend", lambda: None)
+        monkeypatch.setattr(onnx_export, "_onnx_backend", lambda: None)
     old = os.umask(0o027)
     try:
         out = tmp_path / f"fused{suffix}"
