@@ -24,6 +24,7 @@ ENTRY_POINTS = (
     "affine_vs_ort.py",
     "startup.py",
     "exporters.py",
+    "keras2.py",
 )
 
 
