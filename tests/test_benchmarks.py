@@ -175,3 +175,17 @@ def test_summary_section_goes_after_the_first_paragraph_then_is_replaced(
     render.update_summary(path, [render.BEGIN, "two", render.END])
     text = path.read_text()
     assert "two" in text and "one" not in text and text.count(render.BEGIN) == 1
+
+
+def test_an_unusable_bnfuse_output_misses_every_target(bench: SimpleNamespace) -> None:
+    tools = {
+        "bnfuse": _tool(bench, "bnfuse", 0, 5.0, 2e-6),
+        "onnxruntime": _tool(bench, "onnxruntime", 2, 4.0, 1e-6),
+    }
+    tools["bnfuse"].failed = "RuntimeError: boom"
+    case = _case(bench, tools, ["gemm-bn"])
+    checks = bench.verdicts.checks([case])
+    assert [(c.target, c.met) for c in checks] == [
+        (t, False) for t in ("nodes", "strict", "time", "error", "latency")
+    ]
+    assert all(c.detail == "bnfuse output unusable: RuntimeError: boom" for c in checks)

@@ -153,16 +153,10 @@ def latency(
     return out, failed
 
 
-def bench_onnx(
-    name: str, src: Path, feeds: dict[str, np.ndarray] | None, work: Path, args: argparse.Namespace
-) -> tuple[OnnxResult, dict[str, np.ndarray], list[np.ndarray]]:
-    """Every tool on one ONNX file; returns the result, the error inputs and the reference."""
-    model = onnx.load(str(src))
-    bn, affine, nodes = bn_equivalents(src)
-    outs = {t: work / f"{name}.{t}.onnx" for t in TOOLS}
-    tools = {t: ToolResult(t) for t in TOOLS}
-
-    # fold: one untimed warm-up per tool (gives the output), then interleaved reps
+def fold_all(src: Path, outs: dict[str, Path], tools: dict[str, ToolResult], reps: int) -> Any:
+    """Every tool folds ``src`` into ``outs[tool]``: one untimed warm-up per tool (it gives
+    the output measured afterwards), then ``reps`` timed runs interleaved across tools, the
+    order rotated every round. Returns bnfuse's result (None if it failed)."""
     bnfuse_result = None
     for t in TOOLS:
         try:
@@ -173,7 +167,7 @@ def bench_onnx(
             tools[t].failed = one_line(exc)
             log(f"  {t}: failed: {tools[t].failed}")
     order = [t for t in TOOLS if tools[t].ok]
-    for i in range(args.reps):
+    for i in range(reps):
         rot = order[i % len(order) :] + order[: i % len(order)] if order else []
         for t in rot:
             if not tools[t].ok:
@@ -193,18 +187,19 @@ def bench_onnx(
             for t, r in tools.items()
         )
     )
+    return bnfuse_result
 
-    # nodes left
-    for t, r in tools.items():
-        if r.ok:
-            try:
-                r.bn, r.affine, r.nodes = bn_equivalents(outs[t])
-            except Exception as exc:
-                r.failed = f"output unreadable: {one_line(exc)}"
 
-    # max abs error vs the float64 evaluation of the original
-    if feeds is None:
-        feeds = random_feeds(model, seed=1, batch=ERROR_BATCH)
+def errors(
+    model: onnx.ModelProto,
+    src: Path,
+    outs: dict[str, Path],
+    tools: dict[str, ToolResult],
+    feeds: dict[str, np.ndarray],
+) -> tuple[Float64Reference, list[np.ndarray], float, float]:
+    """Max abs error of the original and of every tool's output (float32, onnxruntime
+    ORT_DISABLE_ALL) against the float64 evaluation of the original; fills ``tools``.
+    Returns the reference, its outputs, max|reference| and the original's own error."""
     t0 = time.perf_counter()
     ref64 = Float64Reference(model)
     ref = ref64.run(feeds)
@@ -231,12 +226,18 @@ def bench_onnx(
             f"{t} {r.err_abs:.2e}" if r.err_abs is not None else f"{t} -" for t, r in tools.items()
         )
     )
+    return ref64, ref, ref_max, err_orig
 
-    # latency of the original and every output, per level
+
+def latencies(
+    src: Path, outs: dict[str, Path], tools: dict[str, ToolResult], seconds: float
+) -> dict[str, Lat]:
+    """onnxruntime latency of the original and every tool's output at each level; fills
+    ``tools`` and returns the original's."""
     lat_orig: dict[str, Lat] = {}
     for level in LEVELS:
         paths = {"original": src, **{t: outs[t] for t, r in tools.items() if r.ok}}
-        lat, failed = latency(paths, level, args.seconds)
+        lat, failed = latency(paths, level, seconds)
         if "original" in lat:
             lat_orig[level] = lat.pop("original")
         for t, v in lat.items():
@@ -253,6 +254,31 @@ def bench_onnx(
             if "ORT_ENABLE_ALL" in r.latency
         )
     )
+    return lat_orig
+
+
+def bench_onnx(
+    name: str, src: Path, feeds: dict[str, np.ndarray] | None, work: Path, args: argparse.Namespace
+) -> tuple[OnnxResult, dict[str, np.ndarray], list[np.ndarray]]:
+    """Every tool on one ONNX file; returns the result, the error inputs and the reference."""
+    model = onnx.load(str(src))
+    bn, affine, nodes = bn_equivalents(src)
+    outs = {t: work / f"{name}.{t}.onnx" for t in TOOLS}
+    tools = {t: ToolResult(t) for t in TOOLS}
+    bnfuse_result = fold_all(src, outs, tools, args.reps)
+
+    # nodes left
+    for t, r in tools.items():
+        if r.ok:
+            try:
+                r.bn, r.affine, r.nodes = bn_equivalents(outs[t])
+            except Exception as exc:
+                r.failed = f"output unreadable: {one_line(exc)}"
+
+    if feeds is None:
+        feeds = random_feeds(model, seed=1, batch=ERROR_BATCH)
+    ref64, ref, ref_max, err_orig = errors(model, src, outs, tools, feeds)
+    lat_orig = latencies(src, outs, tools, args.seconds)
 
     folds, refusals = _fold_summary(bnfuse_result) if bnfuse_result is not None else ({}, [])
     strict: list[str] = []
@@ -276,7 +302,7 @@ def bench_onnx(
         ),
         ref_max_abs=ref_max,
         err_original_abs=err_orig,
-        err_original_rel=err_orig / scale,
+        err_original_rel=err_orig / max(1.0, ref_max),
         latency_original=lat_orig,
         tools=tools,
         folds=folds,

@@ -77,106 +77,113 @@ class Check:
     detail: str
 
 
+def onnx_checks(name: str, o: OnnxResult) -> list[Check]:
+    """The targets on one ONNX model (every one missed when bnfuse's output is unusable)."""
+    out: list[Check] = []
+    label = f"{name}.onnx"
+    b = o.tools["bnfuse"]
+    peers = peers_valid(o)
+    if not b.valid:
+        why = b.failed or b.err_failed or f"max error {b.err_abs:.2e} (wrong)"
+        for target in ("nodes", "strict", "time", "error", "latency"):
+            out.append(Check(target, label, False, f"bnfuse output unusable: {why}"))
+        return out
+    names, best_left = best_of({t: r.left for t, r in peers.items()})
+    if best_left is None:
+        out.append(Check("nodes", label, None, "no peer produced a valid model"))
+    else:
+        out.append(
+            Check(
+                "nodes",
+                label,
+                b.left is not None and b.left <= best_left,
+                f"bnfuse {b.left}, best peer {best_left} ({', '.join(names)})",
+            )
+        )
+    if o.strict_kinds and best_left is not None:
+        # a tie at 0 is the goal: strictly fewer is asked only where the best peer
+        # leaves some (fewer than 0 is impossible)
+        met = b.left is not None and (b.left < best_left or b.left == best_left == 0)
+        out.append(
+            Check(
+                "strict",
+                label,
+                met,
+                f"bnfuse folds {', '.join(o.strict_kinds)}: bnfuse {b.left}, "
+                f"best peer {best_left} ({', '.join(names)})"
+                + ("" if met else " - the peer folds these too"),
+            )
+        )
+    names, fastest = best_of({t: r.fold_ms for t, r in peers.items()})
+    if fastest is not None and b.fold_ms is not None:
+        ratio = b.fold_ms / fastest
+        out.append(
+            Check(
+                "time",
+                label,
+                ratio <= 1.0,
+                f"bnfuse {b.fold_ms:.1f} ms, fastest peer {names[0]} {fastest:.1f} ms "
+                f"(ratio {ratio:.2f})",
+            )
+        )
+    # the same target among the peers that do the same work: leave no more BN/affine
+    # nodes than bnfuse (a tool that folds nothing is fast at it)
+    same_work = {
+        t: r.fold_ms
+        for t, r in peers.items()
+        if r.left is not None and b.left is not None and r.left <= b.left
+    }
+    names, fastest = best_of(same_work)
+    if b.fold_ms is not None:
+        if fastest is None:
+            detail = f"no peer folds as much as bnfuse (bnfuse {b.left} left)"
+            out.append(Check("time-same-work", label, None, detail))
+        else:
+            ratio = b.fold_ms / fastest
+            out.append(
+                Check(
+                    "time-same-work",
+                    label,
+                    ratio <= 1.0,
+                    f"bnfuse {b.fold_ms:.1f} ms, fastest peer leaving no more "
+                    f"({b.left}) {names[0]} {fastest:.1f} ms (ratio {ratio:.2f})",
+                )
+            )
+    names, best_err = best_of({t: r.err_abs for t, r in peers.items()})
+    if best_err is not None and b.err_abs is not None:
+        tol = err_tol(o)
+        out.append(
+            Check(
+                "error",
+                label,
+                b.err_abs <= best_err + tol,
+                f"bnfuse {b.err_abs:.2e}, best peer {names[0]} {best_err:.2e} "
+                f"(tolerance {tol:.1e})",
+            )
+        )
+    lat = b.latency.get("ORT_ENABLE_ALL")
+    if lat is not None and "ORT_ENABLE_ALL" in o.latency_original:
+        orig = o.latency_original["ORT_ENABLE_ALL"].median_ms
+        out.append(
+            Check(
+                "latency",
+                label,
+                not clearly_slower(lat.vs_original, lat.vs_original_ci, lat.blocks_vs_original),
+                f"original {orig:.3f} ms, bnfuse {lat.median_ms:.3f} ms "
+                f"(paired {lat.vs_original:.2f}x{_ci(lat.vs_original_ci)})",
+            )
+        )
+    return out
+
+
 def checks(results: list[CaseResult]) -> list[Check]:
     out: list[Check] = []
     for c in results:
         o = c.onnx
         if o is not None:
-            label = f"{c.name}.onnx"
-            b = o.tools["bnfuse"]
-            peers = peers_valid(o)
-            if not b.valid:
-                why = b.failed or b.err_failed or f"max error {b.err_abs:.2e} (wrong)"
-                for target in ("nodes", "strict", "time", "error", "latency"):
-                    out.append(Check(target, label, False, f"bnfuse output unusable: {why}"))
-                continue
-            names, best_left = best_of({t: r.left for t, r in peers.items()})
-            if best_left is None:
-                out.append(Check("nodes", label, None, "no peer produced a valid model"))
-            else:
-                out.append(
-                    Check(
-                        "nodes",
-                        label,
-                        b.left is not None and b.left <= best_left,
-                        f"bnfuse {b.left}, best peer {best_left} ({', '.join(names)})",
-                    )
-                )
-            if o.strict_kinds and best_left is not None:
-                # a tie at 0 is the goal: strictly fewer is asked only where the best peer
-                # leaves some (fewer than 0 is impossible)
-                met = b.left is not None and (b.left < best_left or b.left == best_left == 0)
-                out.append(
-                    Check(
-                        "strict",
-                        label,
-                        met,
-                        f"bnfuse folds {', '.join(o.strict_kinds)}: bnfuse {b.left}, "
-                        f"best peer {best_left} ({', '.join(names)})"
-                        + ("" if met else " - the peer folds these too"),
-                    )
-                )
-            names, fastest = best_of({t: r.fold_ms for t, r in peers.items()})
-            if fastest is not None and b.fold_ms is not None:
-                ratio = b.fold_ms / fastest
-                out.append(
-                    Check(
-                        "time",
-                        label,
-                        ratio <= 1.0,
-                        f"bnfuse {b.fold_ms:.1f} ms, fastest peer {names[0]} {fastest:.1f} ms "
-                        f"(ratio {ratio:.2f})",
-                    )
-                )
-            # the same target among the peers that do the same work: leave no more BN/affine
-            # nodes than bnfuse (a tool that folds nothing is fast at it)
-            same_work = {
-                t: r.fold_ms
-                for t, r in peers.items()
-                if r.left is not None and b.left is not None and r.left <= b.left
-            }
-            names, fastest = best_of(same_work)
-            if b.fold_ms is not None:
-                if fastest is None:
-                    detail = f"no peer folds as much as bnfuse (bnfuse {b.left} left)"
-                    out.append(Check("time-same-work", label, None, detail))
-                else:
-                    ratio = b.fold_ms / fastest
-                    out.append(
-                        Check(
-                            "time-same-work",
-                            label,
-                            ratio <= 1.0,
-                            f"bnfuse {b.fold_ms:.1f} ms, fastest peer leaving no more "
-                            f"({b.left}) {names[0]} {fastest:.1f} ms (ratio {ratio:.2f})",
-                        )
-                    )
-            names, best_err = best_of({t: r.err_abs for t, r in peers.items()})
-            if best_err is not None and b.err_abs is not None:
-                tol = err_tol(o)
-                out.append(
-                    Check(
-                        "error",
-                        label,
-                        b.err_abs <= best_err + tol,
-                        f"bnfuse {b.err_abs:.2e}, best peer {names[0]} {best_err:.2e} "
-                        f"(tolerance {tol:.1e})",
-                    )
-                )
-            lat = b.latency.get("ORT_ENABLE_ALL")
-            if lat is not None and "ORT_ENABLE_ALL" in o.latency_original:
-                orig = o.latency_original["ORT_ENABLE_ALL"].median_ms
-                out.append(
-                    Check(
-                        "latency",
-                        label,
-                        not clearly_slower(
-                            lat.vs_original, lat.vs_original_ci, lat.blocks_vs_original
-                        ),
-                        f"original {orig:.3f} ms, bnfuse {lat.median_ms:.3f} ms "
-                        f"(paired {lat.vs_original:.2f}x{_ci(lat.vs_original_ci)})",
-                    )
-                )
+            out += onnx_checks(c.name, o)
+            if not o.tools["bnfuse"].valid:
+                continue  # every target already missed on this case
         k = c.keras
         if k is not None and k.tf_speedup is not None:
             out.append(
