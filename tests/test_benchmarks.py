@@ -35,11 +35,12 @@ def bench() -> Iterator[SimpleNamespace]:
     ``models`` do not leak into other tests."""
     sys.path.insert(0, str(BENCH))
     try:
+        import compare.cases as cases
         import compare.render as render
         import compare.results as results
         import compare.verdicts as verdicts
 
-        yield SimpleNamespace(render=render, results=results, verdicts=verdicts)
+        yield SimpleNamespace(cases=cases, render=render, results=results, verdicts=verdicts)
     finally:
         sys.path.remove(str(BENCH))
         for name, mod in list(sys.modules.items()):
@@ -62,23 +63,15 @@ def test_entry_point_answers_help(script: str) -> None:
     assert proc.stdout.startswith("usage:")
 
 
-def test_run_lists_its_models_and_refuses_unknown_ones() -> None:
+def test_run_lists_its_models_and_refuses_unknown_ones(bench: SimpleNamespace) -> None:
     listed = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--list"], capture_output=True, text=True
     )
     assert listed.returncode == 0, listed.stderr
-    rows = [line for line in listed.stdout.splitlines() if line.startswith(("* ", "  "))]
-    quick = [line.split()[1] for line in rows if line.startswith("* ") and "[" in line]
-    assert len(rows) > len(quick) >= 7
-    assert quick == [
-        "digits_mlp",
-        "digits_cnn_bn",
-        "mobilenetv2_96",
-        "gemm_bn_mlp",
-        "matmul_add_bn_mlp",
-        "grouped_deconv",
-        "bn_gemm_mlp",
-    ]
+    rows = [line.split() for line in listed.stdout.splitlines() if "[" in line]
+    names = [r[1] if r[0] == "*" else r[0] for r in rows]
+    assert names == list(bench.cases.CASES) and len(names) > 7
+    assert [r[1] for r in rows if r[0] == "*"] == list(bench.cases.QUICK)
     bad = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--models", "nope"], capture_output=True, text=True
     )
