@@ -32,7 +32,7 @@ import onnx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fold_speed import run_bnfuse, run_ort  # noqa: E402
+from _common import bnfuse_fold, ort_offline  # noqa: E402
 
 __all__ = ["CALLS", "PEERS", "TOOLS", "quiet", "run_tool"]
 
@@ -75,8 +75,8 @@ def run_onnxscript(src: Path, dst: Path) -> None:
 
 #: Tool name -> file -> file callable; bnfuse first, then the peers.
 TOOLS: dict[str, Tool] = {
-    "bnfuse": run_bnfuse,
-    "onnxruntime": run_ort,
+    "bnfuse": bnfuse_fold,
+    "onnxruntime": ort_offline,  # at its default level, ORT_ENABLE_BASIC
     "onnxoptimizer": run_onnxoptimizer,
     "onnxslim": run_onnxslim,
     "onnxscript": run_onnxscript,

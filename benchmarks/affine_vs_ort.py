@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 import bnfuse  # noqa: E402
 from bnfuse.onnx.count import count_affine_nodes  # noqa: E402
+
+# isort: split
+from _common import git, ort, ort_session, round_robin, session_feeds  # noqa: E402
+from _common import ort_offline as offline_optimize  # noqa: E402
 
 SIZE = 96
 
@@ -152,21 +154,11 @@ def export(name: str, out_dir: Path) -> tuple[Path, int]:
 # ---- onnxruntime -----------------------------------------------------------------------
 
 
-def _ort() -> Any:
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    return ort
-
-
 def ort_offline(src: Path, dst: Path, level: str) -> float:
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3
+    """Seconds onnxruntime's offline optimizer takes at ``level``, file -> file."""
+    ort()  # imported and quietened outside the timing
     t0 = time.perf_counter()
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    offline_optimize(src, dst, level)
     return time.perf_counter() - t0
 
 
@@ -184,22 +176,7 @@ def bn_equivalents(path: Path) -> tuple[int, int, int]:
 
 
 def session(path: Path) -> Any:
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def feeds_for(sess: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    r = np.random.default_rng(seed)
-    out = {}
-    for i in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        out[i.name] = r.normal(0, 1, shape).astype(np.float32)
-    return out
+    return ort_session(path, "ORT_ENABLE_ALL", threads=1)
 
 
 def max_rel_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -219,25 +196,11 @@ class Timing:
 
 def interleaved(paths: dict[str, Path], seconds: float, warmup: int = 20) -> dict[str, Timing]:
     sessions = {k: session(p) for k, p in paths.items()}
-    feeds = feeds_for(next(iter(sessions.values())))
+    feeds = session_feeds(next(iter(sessions.values())))
     for s in sessions.values():
         for _ in range(warmup):
             s.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    order = list(sessions)
-    end = time.perf_counter() + seconds
-    rounds = 0
-    gc.disable()
-    try:
-        while time.perf_counter() < end or rounds < 30:
-            order = order[1:] + order[:1]
-            for k in order:
-                t0 = time.perf_counter()
-                sessions[k].run(None, feeds)
-                times[k].append(time.perf_counter() - t0)
-            rounds += 1
-    finally:
-        gc.enable()
+    times = round_robin(sessions, feeds, seconds, min_rounds=30)
     base = np.array(times["export"])
     out = {}
     for k, ts in times.items():
@@ -278,13 +241,13 @@ def run_model(name: str, work: Path, seconds: float) -> Row:
     ort_s = ort_offline(src, extended, "ORT_ENABLE_EXTENDED")
     variants = {"export": src, "ort_basic": basic, "ort_extended": extended, "bnfuse": fused}
     counts = {k: bn_equivalents(p) for k, p in variants.items()}
-    ref_sess = _ort().InferenceSession(str(src), providers=["CPUExecutionProvider"])
-    feeds = feeds_for(ref_sess, seed=1)
+    ref_sess = ort().InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    feeds = session_feeds(ref_sess, seed=1)
     ref = ref_sess.run(None, feeds)
     diffs = {
         k: max_rel_diff(
             ref,
-            _ort().InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds),
+            ort().InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds),
         )
         for k, p in variants.items()
         if k != "export"
@@ -315,12 +278,7 @@ def machine() -> dict[str, str]:
 
     info = machine_info()  # CPU model and usable cores, read the same way everywhere
     cpu, usable = info["cpu"], info["usable_cores"]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = git("rev-parse", "--short", "HEAD") or "?"
     return {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "cpu": cpu,

@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import models as bench_models  # noqa: E402
+from _common import ort_outputs, random_feeds  # noqa: E402
 from _peers import TOOLS, quiet  # noqa: E402
 
 from bnfuse.onnx.count import count_affine_nodes  # noqa: E402
@@ -63,27 +64,6 @@ for _name, _tool in TOOLS.items():
         CONTENDERS["onnxscript rewriter" if _name == "onnxscript" else _name] = _tool
 
 
-def _ort_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return list(sess.run(None, feeds))
-
-
-def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    r = np.random.default_rng(0)
-    feeds = {}
-    for vi in model.graph.input:
-        dims = [
-            d.dim_value if d.HasField("dim_value") else 2 for d in vi.type.tensor_type.shape.dim
-        ]
-        feeds[vi.name] = r.normal(0, 1, dims).astype(np.float32)
-    return feeds
-
-
 def _left(model: onnx.ModelProto) -> int:
     counts = count_affine_nodes(model)
     # a Mul -> Add pair is one BN: count BN-equivalents, not nodes
@@ -94,8 +74,8 @@ def bench_model(name: str, work: Path, rounds: int) -> dict[str, dict[str, Any]]
     model = bench_models.build(name)
     src = work / f"{name}.onnx"
     onnx.save(model, str(src))
-    feeds = _feeds(model)
-    want = _ort_outputs(src, feeds)
+    feeds = random_feeds(model, seed=0, batch=2)
+    want = ort_outputs(src, feeds)
     rows: dict[str, dict[str, Any]] = {"original": {"left": _left(model)}}
     for tool, fn in CONTENDERS.items():
         dst = work / f"{name}.{tool.replace(' ', '_')}.onnx"
@@ -108,7 +88,7 @@ def bench_model(name: str, work: Path, rounds: int) -> dict[str, dict[str, Any]]
                     fn(src, dst)
                 times.append(time.perf_counter() - t0)
             out = onnx.load(str(dst))
-            got = _ort_outputs(dst, feeds)
+            got = ort_outputs(dst, feeds)
             err = max(float(np.max(np.abs(a - b))) for a, b in zip(want, got, strict=True))
             rows[tool] = {"left": _left(out), "err": err, "ms": 1e3 * statistics.median(times)}
         except Exception as exc:  # a peer that fails is recorded, not fatal

@@ -26,19 +26,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as _dt
 import gc
 import io
-import os
-import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +47,15 @@ sys.path.insert(0, str(HERE))
 sys.path.append(str(ROOT))  # fallback when bnfuse is not installed
 
 import models as bench_models  # noqa: E402
+from _common import bnfuse_fold as run_bnfuse  # noqa: E402
+from _common import (  # noqa: E402
+    machine_info,
+    one_line,
+    ort_outputs,
+    random_feeds,
+    timed,
+)
+from _common import ort_offline as run_ort  # noqa: E402
 
 DEFAULT_RESULTS = HERE / "RESULTS-fold-speed.md"
 
@@ -59,12 +63,6 @@ DEFAULT_RESULTS = HERE / "RESULTS-fold-speed.md"
 # ---------------------------------------------------------------------------------------
 # The two contenders
 # ---------------------------------------------------------------------------------------
-
-
-def run_bnfuse(src: Path, dst: Path) -> Any:
-    import bnfuse
-
-    return bnfuse.fuse(src, dst, validate=False)
 
 
 def run_floor(src: Path, dst: Path) -> Any:
@@ -77,23 +75,6 @@ def run_floor(src: Path, dst: Path) -> Any:
     return bnfuse.fuse(src, dst, validate=False, skip=OnnxBackend().rule_names())
 
 
-def run_ort(src: Path, dst: Path) -> None:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(dst)
-    so.log_severity_level = 3
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    gc.collect()
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 # ---------------------------------------------------------------------------------------
 # Checks on the written models
 # ---------------------------------------------------------------------------------------
@@ -102,29 +83,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def bn_names(model: onnx.ModelProto) -> list[str]:
     """Names (or output names) of the BatchNormalization nodes of the main graph."""
     return [n.name or n.output[0] for n in model.graph.node if n.op_type == "BatchNormalization"]
-
-
-def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[str, Any]:
-    r = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in dims]
-        feeds[vi.name] = r.normal(0, 1, shape).astype(np.float32)
-    return feeds
-
-
-def run_unoptimized(path: Path, feeds: dict[str, Any]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return list(sess.run(None, feeds))
 
 
 def max_rel_diff(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
@@ -234,9 +192,9 @@ def bench_model(name: str, reps: int, work: Path, profile: bool) -> Row:
         row.refusals = [f"{r.bn}: {r.reason}" for r in result.refusals]
 
     feeds = random_feeds(onnx.load(str(src), load_external_data=False))
-    ref = run_unoptimized(src, feeds)
-    row.err_bnfuse = max_rel_diff(ref, run_unoptimized(out_b, feeds))
-    row.err_ort = max_rel_diff(ref, run_unoptimized(out_o, feeds))
+    ref = ort_outputs(src, feeds)
+    row.err_bnfuse = max_rel_diff(ref, ort_outputs(out_b, feeds))
+    row.err_ort = max_rel_diff(ref, ort_outputs(out_o, feeds))
 
     row.phases = phase_breakdown(src, work / f"{name}.phases.onnx")
     if profile:
@@ -284,50 +242,6 @@ def profile_bnfuse(src: Path, dst: Path, top: int = 12) -> str:
 # ---------------------------------------------------------------------------------------
 # Machine and report
 # ---------------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, str]:
-    import onnxruntime as ort
-
-    import bnfuse
-    from bnfuse.bench import machine_info as bench_machine_info
-
-    info = bench_machine_info()  # CPU model and usable cores, read the same way everywhere
-    cpu, usable = info["cpu"], info["usable_cores"]
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "?"
-    return {
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": f"{os.cpu_count()} logical, {usable} usable by this process",
-        "load average (1/5/15 min) at start": load,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": ort.__version__,
-        "bnfuse": f"{bnfuse.__version__}, {bnfuse_provenance(Path(bnfuse.__file__).parent)}",
-    }
-
-
-def bnfuse_provenance(pkg: Path) -> str:
-    """Which bnfuse was timed: the checkout's commit (and whether bnfuse/ had edits)."""
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
-            ).stdout.strip()
-        except OSError:
-            return ""
-
-    if pkg.resolve() != (ROOT / "bnfuse").resolve():
-        return f"imported from {pkg} (not this checkout)"
-    commit = git("rev-parse", "--short", "HEAD") or "?"
-    dirty = git("status", "--porcelain", "--", "bnfuse")
-    return f"git {commit}" + (" with uncommitted changes in bnfuse/" if dirty else "")
 
 
 def fmt_ms(seconds: list[float]) -> str:
@@ -520,8 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = bench_model(name, reps, work, args.profile)
             except Exception as exc:
                 traceback.print_exc()
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                errors.append(f"{name}: {type(exc).__name__}: {first}")
+                errors.append(f"{name}: {one_line(exc)}")
                 continue
             rows.append(row)
             print(

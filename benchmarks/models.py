@@ -312,7 +312,9 @@ class DynamoBuilder(Builder):
         y = super().conv(x, cin, cout, k, stride, group, bias, pad)
         conv = self.nodes[-1]
         if not bias:
-            zero = self.node("Constant", [], value=numpy_helper.from_array(np.float32(0.0)))
+            zero = self.node(
+                "Constant", [], value=numpy_helper.from_array(np.asarray(0.0, dtype=np.float32))
+            )
             zero = self.node("CastLike", [zero, x])
             dim0 = self.node("Shape", [conv.input[1]], start=0, end=1)
             one = self.node("Constant", [], value_ints=[1])
