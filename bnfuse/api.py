@@ -364,6 +364,7 @@ def _fuse(model: Any, output: Any, o: Options, progress: Progress | None) -> Fus
         dry_run=o.dry_run,
         validation=validation,
         bnfuse_version=__version__,
+        framework=backend.framework(original),
         warnings=tuple(warnings),
         bn_stats=bn_check.entries(passed.folds, passed.refusals) if bn_check else (),
         recalibration=bn_check.outcome.recalibration if bn_check else None,

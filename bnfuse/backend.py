@@ -120,6 +120,10 @@ class Backend(Protocol):
         """Fold every foldable BN; never mutates ``model``."""
         ...
 
+    def framework(self, model: Any) -> str:
+        """The model's format and the framework version that wrote it (for reports)."""
+        ...
+
     def stats(self, model: Any, path: Path | None = None) -> ModelStats:
         """Node/parameter counts (and file size when ``path`` is given)."""
         ...

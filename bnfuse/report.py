@@ -154,7 +154,8 @@ def _header(result: FuseResult) -> tuple[str, str]:
     else:
         dest, status, style = result.output_path, "not written", "yellow"
     version = f" {result.bnfuse_version}" if result.bnfuse_version else ""
-    return f"bnfuse{version} [{result.backend}]: {src} → {dest} ({status})", style
+    kind = f"{result.backend}: {result.framework}" if result.framework else result.backend
+    return f"bnfuse{version} [{kind}]: {src} → {dest} ({status})", style
 
 
 _ROLLED_BACK = "its fold failed validation; left in place"

@@ -284,6 +284,9 @@ class FuseResult:
     warnings: tuple[str, ...] = ()
     bn_stats: tuple[BnStat, ...] = ()  # --check-stats / --recalibrate, worst first
     recalibration: Recalibration | None = None
+    #: the model's format and the framework that wrote it, e.g. "Keras 2 (tf_keras
+    #: 2.21.0)", "Keras 3.15.1", "ONNX opset 13, IR 8 (tf2onnx 1.17.0)"
+    framework: str = ""
 
     @property
     def ok(self) -> bool:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
 from rich.console import Console
 
@@ -210,6 +211,24 @@ def test_render_shows_every_bn_and_why() -> None:
     assert "body" in out  # scope column appears when any BN is in a subgraph
     assert "models/resnet.onnx → out/fused.onnx (written)" in out
     assert "[onnx]" in out
+
+
+def test_header_names_the_framework() -> None:
+    out = " ".join(rendered(full_result(framework="ONNX opset 13, IR 8 (tf2onnx 1.17.0)")).split())
+    assert "[onnx: ONNX opset 13, IR 8 (tf2onnx 1.17.0)]: models/resnet.onnx" in out
+    md = report.to_markdown(full_result(framework="Keras 2 (tf_keras 2.21.0)"))
+    assert md.splitlines()[0].startswith("# bnfuse 0.1.0 [onnx: Keras 2 (tf_keras 2.21.0)]")
+
+
+def test_framework_of_a_real_onnx_file() -> None:
+    import bnfuse
+
+    sample = Path(__file__).resolve().parents[1] / "sample_models" / "digits_cnn_bn.onnx"
+    res = bnfuse.fuse(sample, validate=False)
+    proto = onnx.load(str(sample))
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    assert res.framework.startswith(f"ONNX opset {opset}, IR {proto.ir_version}")
+    assert res.to_dict()["framework"] == res.framework
 
 
 def test_render_groups_bns_by_default() -> None:

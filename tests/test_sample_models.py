@@ -228,6 +228,7 @@ def test_keras2_sample_per_pixel_bn(data: dict[str, np.ndarray], tmp_path: Path)
         "bn_1": ("backward", 64),
     }
     assert not result.refusals
+    assert result.framework == f"Keras 2 (tf_keras {tf_keras.__version__})"
     original = tf_keras.models.load_model(str(path), compile=False)
     fused = tf_keras.models.load_model(str(out), compile=False)
     bn = original.get_layer("bn_pixels")

@@ -17,6 +17,7 @@ from bnfuse.keras import fuse as _fuse
 from bnfuse.keras import io as _io
 from bnfuse.keras import rules as _rules
 from bnfuse.keras import runtime as _runtime
+from bnfuse.keras.compat import flavor_of
 from bnfuse.result import ModelStats
 
 __all__ = ["KerasBackend"]
@@ -49,6 +50,10 @@ class KerasBackend:
     def fuse(self, model: Any, options: FuseOptions) -> PassResult:
         """Fold every foldable BN into a rebuilt copy of ``model`` (never mutated)."""
         return _fuse.fuse(model, options)
+
+    def framework(self, model: Any) -> str:
+        """The Keras that holds the model: "Keras 3.15.1" or "Keras 2 (tf_keras 2.21.0)"."""
+        return str(flavor_of(model).label)
 
     def stats(self, model: Any, path: Path | None = None) -> ModelStats:
         """Parameter counts as ``model.summary()`` shows them, layers, BN layers, file size."""

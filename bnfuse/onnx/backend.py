@@ -392,6 +392,14 @@ class OnnxBackend:
             model.payloads = None
         return model.proto
 
+    def framework(self, model: onnx.ModelProto | OnnxModel) -> str:
+        """ "ONNX opset N, IR M" and the producer the file names (exporter and version)."""
+        proto = _wrap(model).proto
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        text = f"ONNX opset {opset}, IR {proto.ir_version}"
+        producer = " ".join(p for p in (proto.producer_name, proto.producer_version) if p)
+        return f"{text} ({producer})" if producer else text
+
     def stats(self, model: onnx.ModelProto | OnnxModel, path: Path | None = None) -> ModelStats:
         """Counts; the file size includes the external data files beside ``path``."""
         m = _wrap(model)
