@@ -45,9 +45,11 @@ fmt: $(STAMP)
 ## Head-to-head benchmark (see benchmarks/README.md).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/keras2.py
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick
+	$(PY) benchmarks/keras2.py --quick
 
 ## Retrain and re-export the sample models (fixed seed).
 samples: $(STAMP)
