@@ -3,11 +3,12 @@
 1. ``model.get_config()`` (a deep copy; the input model is never touched) is wrapped in
    :class:`~bnfuse.keras.graph.Scope` objects, one per Functional/Sequential graph (nested
    models included).
-2. Every BatchNormalization is tried backward (into the layer before it) first; when no
-   BN folds backward any more, forward (into the layers after it) too. Each fold updates
-   a float64 working copy of the absorbing layer's weights and edits the config (BN layer
-   removed, consumers rewired, ``use_bias`` turned on). Repeated until nothing changes,
-   so chains such as ``Conv -> BN -> BN`` fold completely.
+2. Every BatchNormalization, in layer order, is tried backward (into the layer before
+   it), then forward (into the layers after it), swept until nothing changes so chains
+   such as ``Conv -> BN -> BN`` fold completely: the one order of every backend,
+   :mod:`bnfuse.driver`. Each fold updates a float64 working copy of the absorbing
+   layer's weights and edits the config (BN layer removed, consumers rewired,
+   ``use_bias`` turned on).
 3. The model is rebuilt with ``from_config`` and every variable is copied: folded layers
    from the working copy (rounded once to the variable dtype), all others exactly, with
    Keras's own ``save_own_variables``/``load_own_variables``.
@@ -24,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.backend import FuseOptions, PassResult
+from bnfuse.driver import fold_norm, sweep
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError
 from bnfuse.fold import Affine, round_to
 from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
@@ -260,19 +262,19 @@ class _Pass:
                 refused[bn.key] = (kept_reason(pattern), KEPT_CODE)
             elif bn.reason is not None:
                 refused[bn.key] = (bn.reason, bn.code)
-        for with_forward in (False, True):
-            if with_forward and not self.options.forward:
-                break
-            changed = True
-            while changed:
-                changed = False
-                for bn in self.bns:
-                    if bn.key in done or bn.key in refused:
-                        continue
-                    fold = self._try(bn, forward=with_forward, apply=True)
-                    if fold is not None:
-                        done[bn.key] = fold
-                        changed = True
+
+        def one_pass() -> bool:  # the one order of every backend: bnfuse/driver.py
+            changed = False
+            for bn in self.bns:
+                if bn.key in done or bn.key in refused:
+                    continue
+                fold = self._try(bn, forward=self.options.forward, apply=True)
+                if fold is not None:
+                    done[bn.key] = fold
+                    changed = True
+            return changed
+
+        sweep(one_pass)
         folds = [done[b.key] for b in self.bns if b.key in done]
         refusals: list[Refusal] = []
         for bn in self.bns:
@@ -293,13 +295,12 @@ class _Pass:
         return PassResult(model=new_model, folds=folds, refusals=refusals)
 
     def _try(self, bn: _BN, *, forward: bool, apply: bool) -> Fold | None:
-        back = self._backward(bn, apply)
-        if back.fold is not None:
-            return back.fold
-        if forward:
-            fwd = self._forward(bn, apply)
-            return fwd.fold
-        return None
+        attempts = fold_norm(
+            lambda: self._backward(bn, apply),
+            (lambda: self._forward(bn, apply)) if forward else None,
+            lambda att: att.fold is not None,
+        )
+        return attempts[-1].fold
 
     def _refusal(self, bn: _BN) -> Refusal:
         back = self._backward(bn, apply=False)
