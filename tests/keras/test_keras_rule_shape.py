@@ -111,3 +111,35 @@ def test_separable_forward_rewrite_moves_the_shift_to_the_bias() -> None:
     np.testing.assert_array_equal(new["pointwise_kernel"], pk)
     back = rules.rule_by_name("separable-bn").plan(layer, w, Affine(np.ones(5), np.ones(5)))
     assert isinstance(back, BackwardPlan)
+
+
+def test_keras_refusals_of_the_core_have_its_one_wording_and_code() -> None:
+    """A channel count that does not match is refused by the core, in the wording every
+    backend uses, tagged axis-mismatch (Keras's own "channel count of ... differs"
+    sentence is gone); the padding and transposed-shift refusals likewise."""
+    from bnfuse.reasons import PADDING, TRANSPOSE_SHIFT
+
+    conv = _layer(keras.layers.Conv2D, 6, 3, name="c", padding="same")
+    w = {v.path.split("/")[-1]: np.ones(v.shape) for v in conv.weights}
+    three = Affine(np.ones(3), np.ones(3))
+    back = rules.rule_by_name("conv-bn").plan(conv, w, three)
+    assert (back, getattr(back, "code", None)) == (
+        "BatchNormalization has 3 channels but Conv2D 'c' output has 6",
+        "axis-mismatch",
+    )
+    fwd = rules.rule_by_name("bn-conv").plan(conv, w, three, norm="Rescaling")
+    assert (fwd, getattr(fwd, "code", None)) == (
+        "Rescaling has 3 channels but Conv2D 'c' input has 4",
+        "axis-mismatch",
+    )
+    four = Affine(np.ones(4), np.ones(4))
+    pad = rules.rule_by_name("bn-conv").plan(conv, w, four, in_shape=(None, 6, 6, 4))
+    assert (pad, getattr(pad, "code", None)) == (PADDING, "padding")
+    tconv = _layer(keras.layers.Conv2DTranspose, 5, 3, name="t")
+    tw = {v.path.split("/")[-1]: np.ones(v.shape) for v in tconv.weights}
+    shift = rules.rule_by_name("bn-conv-transpose").plan(tconv, tw, four)
+    assert (shift, getattr(shift, "code", None)) == (TRANSPOSE_SHIFT, "padding")
+    dense = _layer(keras.layers.Dense, 3, name="d")
+    dw = {v.path.split("/")[-1]: np.ones(v.shape) for v in dense.weights}
+    flat = rules.rule_by_name("bn-flatten-dense").plan(dense, dw, three, per_feature=True)
+    assert flat == "BatchNormalization gives 3 features but Dense 'd' takes 4"
