@@ -40,6 +40,7 @@ __all__ = [
     "gemm_bias_backward",
     "gemm_bias_forward",
     "round_to",
+    "separable_bias",
 ]
 
 F64 = NDArray[np.float64]
@@ -464,6 +465,24 @@ class DtypeOverflowError(OverflowError):
     def __init__(self, dtype: str) -> None:
         super().__init__(f"folded values overflow {dtype}")
         self.dtype = dtype
+
+
+def separable_bias(
+    pointwise: NDArray[np.generic], bias: NDArray[np.generic] | None, shift: F64
+) -> F64:
+    """The bias of a separable convolution whose depthwise step gained the per-channel
+    output ``shift`` (a forward fold into its depthwise kernel): the shift passes through
+    the pointwise kernel ``(1..., in*mult, out)`` into the bias, ``b + P.shift``, float64."""
+    out = int(pointwise.shape[-1])
+    through = Affine(np.ones(int(pointwise.shape[-2])), np.asarray(shift, dtype=np.float64))
+    return fold_forward(
+        pointwise,
+        bias,
+        through,
+        channel_map(pointwise.shape, (-2,)),
+        channel_map(pointwise.shape, (-1,)),
+        out,
+    )[1]
 
 
 def round_to(arr: NDArray[np.generic], dtype: Any) -> NDArray[Any]:

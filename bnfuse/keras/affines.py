@@ -26,8 +26,10 @@ from numpy.typing import NDArray
 
 from bnfuse.fold import Affine, bn_affine, check_affine, check_bn
 from bnfuse.keras.compat import Flavor
+from bnfuse.plan import flatten_affine
+from bnfuse.reasons import Reason
 
-__all__ = ["AFFINE_KINDS", "LayerAffine", "affine_kind", "flat_index", "layer_affine"]
+__all__ = ["AFFINE_KINDS", "LayerAffine", "affine_kind", "flat_affine", "layer_affine"]
 
 F64 = NDArray[np.float64]
 
@@ -198,24 +200,22 @@ def layer_affine(fl: Flavor, layer: Any, kind: str, shape: Any) -> LayerAffine:
     return out
 
 
-def flat_index(
-    in_shape: tuple[int, ...], axes: tuple[int, ...], channels_first: bool
-) -> NDArray[np.int64]:
-    """Affine entry of every feature Flatten makes from an input of ``in_shape``.
+def flat_affine(
+    aff: Affine,
+    features: tuple[int, ...],
+    axes: tuple[int, ...],
+    channels_first: bool,
+    norm: str = "BatchNormalization",
+) -> Affine | Reason:
+    """The affine ``aff`` per feature that ``Flatten`` makes of an input of ``features``
+    (the non-batch shape), from the planning core's :func:`~bnfuse.plan.flatten_affine`.
 
-    ``in_shape`` excludes the batch dimension; ``axes`` are counted with it (>= 1,
-    ascending); entries are numbered row-major over those axes (``()``: all entry 0).
-    Mirrors ``Flatten``: channels_first inputs are moved to channels_last first.
+    ``aff`` varies over ``axes`` (counted with the batch axis, ascending; ``()``: a
+    scalar), its entries numbered row-major over them: it is the constant of shape 1 off
+    those axes. A channels_first Flatten moves the channel axis last first.
     """
-    dims = tuple(in_shape)
-    idx = np.zeros(dims, dtype=np.int64)
-    stride = 1
-    for a in reversed(axes):
-        n = dims[a - 1]
-        shape = [1] * len(dims)
-        shape[a - 1] = n
-        idx = idx + np.arange(n, dtype=np.int64).reshape(shape) * stride
-        stride *= n
-    if channels_first and len(dims) > 1:
-        idx = np.transpose(idx, (*range(1, len(dims)), 0))
-    return np.ascontiguousarray(idx).reshape(-1)
+    elem = None
+    if axes:
+        elem = (1, *(d if i + 1 in axes else 1 for i, d in enumerate(features)))
+    perm = (*range(1, len(features)), 0) if channels_first and len(features) > 1 else None
+    return flatten_affine(aff, features, axis=None, elem_shape=elem, norm=norm, perm=perm)

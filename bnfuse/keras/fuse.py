@@ -3,11 +3,12 @@
 1. ``model.get_config()`` (a deep copy; the input model is never touched) is wrapped in
    :class:`~bnfuse.keras.graph.Scope` objects, one per Functional/Sequential graph (nested
    models included).
-2. Every BatchNormalization is tried backward (into the layer before it) first; when no
-   BN folds backward any more, forward (into the layers after it) too. Each fold updates
-   a float64 working copy of the absorbing layer's weights and edits the config (BN layer
-   removed, consumers rewired, ``use_bias`` turned on). Repeated until nothing changes,
-   so chains such as ``Conv -> BN -> BN`` fold completely.
+2. Every BatchNormalization, in layer order, is tried backward (into the layer before
+   it), then forward (into the layers after it), swept until nothing changes so chains
+   such as ``Conv -> BN -> BN`` fold completely: the one order of every backend,
+   :mod:`bnfuse.driver`. Each fold updates a float64 working copy of the absorbing
+   layer's weights and edits the config (BN layer removed, consumers rewired,
+   ``use_bias`` turned on).
 3. The model is rebuilt with ``from_config`` and every variable is copied: folded layers
    from the working copy (rounded once to the variable dtype), all others exactly, with
    Keras's own ``save_own_variables``/``load_own_variables``.
@@ -24,22 +25,23 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bnfuse.backend import FuseOptions, PassResult
+from bnfuse.driver import fold_norm, sweep
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError
 from bnfuse.fold import Affine, round_to
 from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
 from bnfuse.keras import rules as R
-from bnfuse.keras.affines import affine_kind, flat_index, layer_affine
+from bnfuse.keras.affines import affine_kind, flat_affine, layer_affine
 from bnfuse.keras.compat import Flavor, flavor_of
 from bnfuse.keras.graph import INPUT, Node, Scope
+from bnfuse.plan import ForwardPlan
 from bnfuse.reasons import EXCLUDED, code_for, overflow, refusal
 from bnfuse.result import Fold, Refusal
 
-__all__ = ["EXCLUDED_REASON", "check_rewritable", "fuse", "is_graph_model"]
+__all__ = ["check_rewritable", "fuse", "is_graph_model"]
 
 F64 = NDArray[np.float64]
-#: A forward fold planned into one layer: (node, rule, in_map or None, detail, affine).
-_Plan = tuple[Node, R.Rule, Any, str, Affine]
-EXCLUDED_REASON = EXCLUDED  # one wording for every backend (bnfuse/reasons.py)
+#: A forward fold planned into one layer: (node, rule, the core's plan, detail).
+_Plan = tuple[Node, R.Rule, ForwardPlan, str]
 
 
 def is_graph_model(obj: Any) -> bool:
@@ -253,26 +255,26 @@ class _Pass:
                 bn.name in self.options.exclude
                 or _join(bn.scope.path, bn.name) in self.options.exclude
             ):
-                refused[bn.key] = (EXCLUDED_REASON, "excluded")
+                refused[bn.key] = (EXCLUDED, "excluded")
             elif self.options.keep and (
                 pattern := kept_by((bn.name, _join(bn.scope.path, bn.name)), self.options.keep)
             ):
                 refused[bn.key] = (kept_reason(pattern), KEPT_CODE)
             elif bn.reason is not None:
                 refused[bn.key] = (bn.reason, bn.code)
-        for with_forward in (False, True):
-            if with_forward and not self.options.forward:
-                break
-            changed = True
-            while changed:
-                changed = False
-                for bn in self.bns:
-                    if bn.key in done or bn.key in refused:
-                        continue
-                    fold = self._try(bn, forward=with_forward, apply=True)
-                    if fold is not None:
-                        done[bn.key] = fold
-                        changed = True
+
+        def one_pass() -> bool:  # the one order of every backend: bnfuse/driver.py
+            changed = False
+            for bn in self.bns:
+                if bn.key in done or bn.key in refused:
+                    continue
+                fold = self._try(bn, forward=self.options.forward, apply=True)
+                if fold is not None:
+                    done[bn.key] = fold
+                    changed = True
+            return changed
+
+        sweep(one_pass)
         folds = [done[b.key] for b in self.bns if b.key in done]
         refusals: list[Refusal] = []
         for bn in self.bns:
@@ -293,13 +295,12 @@ class _Pass:
         return PassResult(model=new_model, folds=folds, refusals=refusals)
 
     def _try(self, bn: _BN, *, forward: bool, apply: bool) -> Fold | None:
-        back = self._backward(bn, apply)
-        if back.fold is not None:
-            return back.fold
-        if forward:
-            fwd = self._forward(bn, apply)
-            return fwd.fold
-        return None
+        attempts = fold_norm(
+            lambda: self._backward(bn, apply),
+            (lambda: self._forward(bn, apply)) if forward else None,
+            lambda att: att.fold is not None,
+        )
+        return attempts[-1].fold
 
     def _refusal(self, bn: _BN) -> Refusal:
         back = self._backward(bn, apply=False)
@@ -368,7 +369,7 @@ class _Pass:
             if s.is_output(ref):
                 att.reason = f"output of '{pname}' is also a model output"
                 return att
-        bad = R.activation_refusal(prod) or R.layer_refusal(prod)
+        bad = rule.check(prod)
         if bad:
             att.reason = bad
             return att
@@ -389,10 +390,11 @@ class _Pass:
             att.code = "axis-mismatch"
             return att
         w = self.store.get(s, pname, prod)
-        if rule.kind.out_channels(prod, w) != aff.channels:
-            att.reason = f"channel count of '{pname}' differs from the BN's"
+        plan = rule.plan(prod, w, aff, norm=bn.kind)
+        if isinstance(plan, str):
+            att.reason, att.code = plan, code_for(plan)
             return att
-        new = rule.kind.backward(prod, w, aff)
+        new = rule.rewrite(w, plan)
         bad = self.store.check(s, pname, new)
         if bad:
             att.reason = bad
@@ -460,7 +462,7 @@ class _Pass:
         if reasons:
             rule_name, reason = reasons[0]
             att.rule = rule_name or att.rule
-            att.code = _forward_code(reason)
+            att.code = code_for(reason)  # a tag of the core, else its wording
             what = "BN" if bn.kind == "BatchNormalization" else bn.kind
             att.reason = (
                 reason
@@ -470,9 +472,9 @@ class _Pass:
             return att
         aff = bn.ready()[0]
         news: list[tuple[str, dict[str, F64], Any]] = []
-        for node, rule, in_map, _, paff in plans:
+        for node, rule, plan, _ in plans:
             layer = s.live_layer(node.layer)
-            new = rule.kind.forward(layer, self.store.get(s, node.layer, layer), paff, in_map)
+            new = rule.rewrite(self.store.get(s, node.layer, layer), plan)
             bad = self.store.check(s, node.layer, new)
             if bad:
                 att.reason = bad
@@ -481,7 +483,7 @@ class _Pass:
         if not apply:
             return att
         details = []
-        for (lname, new, layer), (_, _, _, det, _) in zip(news, plans, strict=True):
+        for (lname, new, layer), (_, _, _, det) in zip(news, plans, strict=True):
             self.store.put(s, lname, new)
             if not getattr(layer, "use_bias", True):
                 s.set_layer_config(lname, use_bias=True)
@@ -555,9 +557,16 @@ class _Pass:
         if s.is_output(fout):
             results.append(f"output of '{user.layer}' is a model output")
             return dense_rule, results
-        idx = flat_index(
-            tuple(int(d) for d in shape[1:] if d is not None), bn.axes, flat == "channels_first"
+        feats = flat_affine(
+            bn.ready()[0],
+            tuple(int(d) for d in shape[1:] if d is not None),
+            bn.axes,
+            flat == "channels_first",
+            norm=bn.kind,
         )
+        if isinstance(feats, str):
+            results.append(feats)
+            return dense_rule, results
         for f in fusers:
             lay = s.live_layer(f.layer)
             if f.layer not in dense:
@@ -567,9 +576,7 @@ class _Pass:
                 )
                 continue
             results.append(
-                self._forward_check(
-                    bn, f, lay, dense_rule, idx.reshape(-1, 1), f"via {cls} '{user.layer}'"
-                )
+                self._forward_check(bn, f, lay, dense_rule, feats, f"via {cls} '{user.layer}'")
             )
         return dense_rule, results
 
@@ -583,8 +590,10 @@ class _Pass:
         return None
 
     def _forward_check(
-        self, bn: _BN, user: Node, layer: Any, rule: R.Rule, in_map: Any, detail: str
+        self, bn: _BN, user: Node, layer: Any, rule: R.Rule, flat: Affine | None, detail: str
     ) -> _Plan | str:
+        """A plan for folding ``bn`` into ``layer`` (``flat``: the BN's affine per feature
+        of a Flatten in between), or why not."""
         s = bn.scope
         aff, axis, rank = bn.ready()
         if rule.name in self.options.skip_rules:
@@ -593,43 +602,35 @@ class _Pass:
             return f"layer '{user.layer}' is shared by several call sites"
         if user.primary is None:
             return f"layer '{user.layer}' takes several inputs"
-        bad = R.layer_refusal(layer)
+        bad = rule.check(layer)
         if bad:
             return bad
-        w = self.store.get(s, user.layer, layer)
-        kernel = w["depthwise_kernel"] if rule.kind.key == "separable" else w["kernel"]
-        if in_map is None:
+        if flat is None and bn.axes:  # one scalar (no axes) goes on every input channel
             ch = rule.kind.channel_axis(layer, rank)
-            if not bn.axes:  # one scalar: the same value on every input channel
-                aff = _spread(aff, _in_channels(rule, layer, kernel))
-            elif bn.axis is None:
+            if bn.axis is None:
                 return (
                     f"{bn.kind} varies over {bn.axes_text()}, not only the input channel "
                     f"axis of '{user.layer}' (axis {ch} of rank {rank})"
                 )
-            elif axis != ch:
+            if axis != ch:
                 return (
                     f"BN axis {bn.raw_axis} is not the input channel axis of '{user.layer}' "
                     f"(axis {ch} of rank {rank})"
                 )
-        n_in = int(in_map.shape[0]) if in_map is not None else None
-        if rule.kind.key == "dense":
-            if n_in is not None and n_in != kernel.shape[0]:
-                return f"flattened size does not match the input of '{user.layer}'"
-            if n_in is None and kernel.shape[0] != aff.channels:
-                return f"channel count of '{user.layer}' differs from the BN's"
-        elif rule.kind.key == "conv":
-            if kernel.shape[-2] * int(getattr(layer, "groups", 1) or 1) != aff.channels:
-                return f"channel count of '{user.layer}' differs from the BN's"
-        elif rule.kind.key == "transpose":
-            if kernel.shape[-1] != aff.channels:
-                return f"channel count of '{user.layer}' differs from the BN's"
-        elif kernel.shape[-2] != aff.channels:
-            return f"channel count of '{user.layer}' differs from the BN's"
-        reason, exact_detail = rule.kind.forward_exactness(layer, aff, user.input_shape)
-        if reason:
-            return reason
-        return (user, rule, in_map, ", ".join(x for x in (detail, exact_detail) if x), aff)
+        w = self.store.get(s, user.layer, layer)
+        plan = rule.plan(
+            layer,
+            w,
+            flat if flat is not None else aff,
+            norm=bn.kind,
+            in_shape=user.input_shape,
+            per_feature=flat is not None,
+        )
+        if isinstance(plan, str):
+            return plan
+        if not isinstance(plan, ForwardPlan):
+            raise FusionInvariantError(f"rule {rule.name} planned a backward fold forward")
+        return (user, rule, plan, ", ".join(x for x in (detail, rule.detail(plan)) if x))
 
     # -- rebuild ---------------------------------------------------------------------
 
@@ -698,31 +699,6 @@ class _Pass:
             raise FusionInvariantError(
                 f"{before} BN/affine layers before, {len(folds)} folded, but {after} remain"
             )
-
-
-def _in_channels(rule: R.Rule, layer: Any, kernel: Any) -> int:
-    """Input channels of a linear layer, from its (first) kernel."""
-    if rule.kind.key == "dense":
-        return int(kernel.shape[0])
-    if rule.kind.key == "conv":
-        return int(kernel.shape[-2]) * int(getattr(layer, "groups", 1) or 1)
-    if rule.kind.key == "transpose":
-        return int(kernel.shape[-1])
-    return int(kernel.shape[-2])
-
-
-def _spread(aff: Affine, channels: int) -> Affine:
-    """A one-entry (scalar) affine as a per-channel one."""
-    return Affine(np.full(channels, aff.scale[0]), np.full(channels, aff.shift[0]))
-
-
-def _forward_code(reason: str) -> str:
-    """The refusal code of a forward reason this module writes."""
-    if reason in (R.PADDING_REASON, R.TRANSPOSE_SHIFT_REASON):
-        return "padding"
-    if "channel axis" in reason:
-        return "axis-mismatch"
-    return code_for(reason)
 
 
 def _iter_affines(fl: Flavor, model: Any) -> Iterator[Any]:

@@ -1,8 +1,9 @@
 """The Keras fold rules: which layers absorb a BatchNormalization, and how.
 
-Each rule pairs a linear layer kind with a direction. The math lives in
-:mod:`bnfuse.fold`; a rule only knows the layer's weight layout (which axis of which
-variable holds the output or input channels) and when the fold is exact.
+Each rule pairs a linear layer kind with a direction. A kind describes its kernel as a
+:class:`bnfuse.plan.Layout`; the planning core (:mod:`bnfuse.plan`) decides whether and
+how the fold goes (channel maps, groups, forward exactness) and :mod:`bnfuse.fold` does
+the math. :data:`RULES` lists every rule in the order the driver tries them.
 
 Identities (BN as the per-channel affine ``z = s*x + t``, see :mod:`bnfuse.fold`):
 
@@ -20,16 +21,15 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from bnfuse.fold import Affine, channel_map, fold_backward, fold_forward
+from bnfuse.fold import Affine, separable_bias
 from bnfuse.keras.compat import flavor_of_class
-from bnfuse.reasons import PADDING, TRANSPOSE_SHIFT
+from bnfuse.plan import BackwardPlan, ForwardPlan, Layout, plan_backward, plan_forward
+from bnfuse.reasons import Reason
 
 __all__ = [
     "BACKWARD_RULES",
     "FORWARD_RULES",
-    "PADDING_REASON",
     "RULES",
-    "TRANSPOSE_SHIFT_REASON",
     "Kind",
     "Rule",
     "backward_rule_for",
@@ -40,9 +40,6 @@ __all__ = [
 
 F64 = NDArray[np.float64]
 Weights = dict[str, F64]
-
-PADDING_REASON = PADDING  # one wording for every backend (bnfuse/reasons.py)
-TRANSPOSE_SHIFT_REASON = TRANSPOSE_SHIFT
 
 
 def _is_linear_activation(layer: Any) -> bool:
@@ -87,7 +84,8 @@ def _pads_input(layer: Any, in_shape: tuple[int | None, ...] | None) -> bool:
 
 @dataclass(frozen=True)
 class Kind:
-    """A linear layer kind and its weight layout."""
+    """A linear layer kind: the classes it covers and how it describes itself to the
+    planning core (:class:`bnfuse.plan.Layout`, see the table in :mod:`bnfuse.plan`)."""
 
     key: str
     types: tuple[str, ...]  # class names, the same in Keras 3 and Keras 2
@@ -106,106 +104,36 @@ class Kind:
             return rank - 1
         return _spatial_channel_axis(layer, rank)
 
-    def out_channels(self, layer: Any, w: Weights) -> int:
-        if self.key == "depthwise":
-            k = w["kernel"]
-            return int(k.shape[-2] * k.shape[-1])
-        if self.key == "transpose":
-            return int(w["kernel"].shape[-2])
-        return int(w[self.kernel].shape[-1])
+    def variable(self, direction: str) -> str:
+        """The kernel variable a fold in ``direction`` scales (a separable convolution:
+        the pointwise kernel backward, the depthwise one forward)."""
+        if self.key == "separable" and direction == "forward":
+            return "depthwise_kernel"
+        return self.kernel
 
-    # -- backward: BN after the layer -----------------------------------------------
-
-    def backward(self, layer: Any, w: Weights, aff: Affine) -> Weights:
-        k = w[self.kernel]
-        if self.key == "depthwise":
-            axes: tuple[int, ...] = (-2, -1)  # out channel = in * mult + m
-        elif self.key == "transpose":
-            axes = (-2,)  # (k..., out, in)
-        else:
-            axes = (-1,)  # Dense (in, out); Conv (k..., in/g, out); pointwise (1..., in, out)
-        new_k, new_b = fold_backward(k, w.get("bias"), aff, channel_map(k.shape, axes))
-        out = dict(w)
-        out[self.kernel] = new_k
-        out["bias"] = new_b
-        return out
-
-    # -- forward: BN before the layer -----------------------------------------------
-
-    def forward(
+    def layout(
         self,
         layer: Any,
         w: Weights,
-        aff: Affine,
-        in_map: NDArray[np.int64] | None = None,
-    ) -> Weights:
-        """Fold ``aff`` (on the input channels) into the layer.
-
-        ``in_map`` overrides the kernel's input-channel map (BN -> Flatten -> Dense).
-        """
-        out = dict(w)
-        if self.key == "separable":
-            dk, pk = w["depthwise_kernel"], w["pointwise_kernel"]
-            mid = int(dk.shape[-2] * dk.shape[-1])
-            new_dk, shift = fold_forward(
-                dk,
-                None,
-                aff,
-                channel_map(dk.shape, (-2,)),
-                channel_map(dk.shape, (-2, -1)),
-                mid,
-            )
-            # the depthwise output shift passes through the pointwise kernel into the bias
-            through = Affine(np.ones(mid), shift)
-            _, new_b = fold_forward(
-                pk,
-                w.get("bias"),
-                through,
-                channel_map(pk.shape, (-2,)),
-                channel_map(pk.shape, (-1,)),
-                int(pk.shape[-1]),
-            )
-            out["depthwise_kernel"] = new_dk
-            out["bias"] = new_b
-            return out
-        k = w["kernel"]
-        n_out = self.out_channels(layer, w)
-        if self.key == "dense":
-            imap = in_map if in_map is not None else channel_map(k.shape, (0,))
-            omap = channel_map(k.shape, (1,))
-        elif self.key == "conv":
-            cin_g, cout = int(k.shape[-2]), int(k.shape[-1])
-            groups = int(getattr(layer, "groups", 1) or 1)
-            j = np.arange(cin_g).reshape(-1, 1)
-            o = np.arange(cout).reshape(1, -1)
-            grid = (o // (cout // groups)) * cin_g + j
-            imap = grid.reshape((1,) * (k.ndim - 2) + grid.shape).astype(np.int64)
-            omap = channel_map(k.shape, (-1,))
-        elif self.key == "depthwise":
-            imap = channel_map(k.shape, (-2,))
-            omap = channel_map(k.shape, (-2, -1))
-        else:  # transpose (k..., out, in)
-            imap = channel_map(k.shape, (-1,))
-            omap = channel_map(k.shape, (-2,))
-        new_k, new_b = fold_forward(k, w.get("bias"), aff, imap, omap, n_out)
-        out["kernel"] = new_k
-        out["bias"] = new_b
-        return out
-
-    def forward_exactness(
-        self, layer: Any, aff: Affine, in_shape: tuple[int | None, ...] | None
-    ) -> tuple[str | None, str]:
-        """(refusal reason or None, detail) for folding ``aff`` into this layer's input."""
-        shift_zero = bool(np.all(aff.shift == 0.0))
-        if self.key == "transpose":
-            if shift_zero:
-                return None, "scale only (BN shift is exactly zero)"
-            return TRANSPOSE_SHIFT_REASON, ""
-        if self.key in ("conv", "depthwise", "separable") and _pads_input(layer, in_shape):
-            if shift_zero:
-                return None, "scale only (BN shift is exactly zero; padding stays zero)"
-            return PADDING_REASON, ""
-        return None, ""
+        direction: str,
+        in_shape: tuple[int | None, ...] | None = None,
+    ) -> Layout:
+        """The :class:`~bnfuse.plan.Layout` of the kernel a fold in ``direction`` scales;
+        forward, whether the layer pads an input of ``in_shape``."""
+        shape = tuple(int(d) for d in w[self.variable(direction)].shape)
+        pads = (
+            direction == "forward"
+            and self.key in ("conv", "depthwise", "separable")
+            and _pads_input(layer, in_shape)
+        )
+        if self.key == "dense":  # (in, out)
+            return Layout(shape, (1,), (0,), dense=True)
+        if self.key == "transpose":  # (k..., out, in)
+            return Layout(shape, (-2,), (-1,), transposed=True, pads_input=pads)
+        if self.key == "depthwise" or (self.key == "separable" and direction == "forward"):
+            return Layout(shape, (-2, -1), (-2,), pads_input=pads)  # (k..., in, mult)
+        groups = int(getattr(layer, "groups", 1) or 1) if self.key == "conv" else 1
+        return Layout(shape, (-1,), (-2,), groups=groups, pads_input=pads)  # (k..., in/g, out)
 
 
 def _kinds() -> dict[str, Kind]:
@@ -225,13 +153,70 @@ KINDS = _kinds()
 
 @dataclass(frozen=True)
 class Rule:
-    """A named fold: ``kind`` absorbs a BN before (forward) or after (backward) it."""
+    """A named fold, of the same shape as an ONNX rule (:mod:`bnfuse.onnx.rulebase`):
+    ``kind`` absorbs a BN before (forward) or after (backward) it.
+
+    :meth:`match` is the pattern (the neighbouring layer), :meth:`check` returns a
+    reason the layer cannot take any fold (or None), :meth:`plan` asks the planning core
+    (:mod:`bnfuse.plan`) for a plan or a tagged refusal, and :meth:`rewrite` gathers the
+    arrays, calls the plan and writes the new values back into the weights. The graph
+    edits (removing the BN, rewiring, turning ``use_bias`` on) are the driver's.
+    """
 
     name: str
     direction: Literal["backward", "forward"]
     kind: Kind
     via_flatten: bool = False
     doc: str = ""
+
+    def match(self, layer: Any) -> bool:
+        """Is ``layer`` of this rule's kind?"""
+        return self.kind.matches(layer)
+
+    def check(self, layer: Any) -> str | None:
+        """Why ``layer`` cannot take this fold whatever its weights (None: it can)."""
+        if self.direction == "backward":
+            return activation_refusal(layer) or layer_refusal(layer)
+        return layer_refusal(layer)
+
+    def plan(
+        self,
+        layer: Any,
+        w: Weights,
+        aff: Affine,
+        *,
+        norm: str = "BatchNormalization",
+        in_shape: tuple[int | None, ...] | None = None,
+        per_feature: bool = False,
+    ) -> BackwardPlan | ForwardPlan | Reason:
+        """The core's plan for folding ``aff`` into ``layer`` (weights ``w``), or why not."""
+        layout = self.kind.layout(layer, w, self.direction, in_shape)
+        what = f"{type(layer).__name__} '{layer.name}'"
+        if self.direction == "backward":
+            return plan_backward(layout, aff, layer=what, norm=norm)
+        return plan_forward(layout, aff, layer=what, norm=norm, per_feature=per_feature)
+
+    def rewrite(self, w: Weights, plan: BackwardPlan | ForwardPlan) -> Weights:
+        """The layer's new float64 weights: ``w`` with the folded kernel and bias."""
+        var = self.kind.variable(self.direction)
+        new_k, new_b = plan.fold(w[var], w.get("bias") if var != "depthwise_kernel" else None)
+        out = dict(w)
+        out[var] = np.asarray(new_k, dtype=np.float64)
+        if var == "depthwise_kernel":  # the depthwise output shift goes to the bias
+            out["bias"] = separable_bias(w["pointwise_kernel"], w.get("bias"), new_b)
+        else:
+            out["bias"] = new_b
+        return out
+
+    def detail(self, plan: ForwardPlan) -> str:
+        """What a forward fold's record says about exactness (a pure scale)."""
+        if not plan.shift_zero:
+            return ""
+        if plan.layout.transposed:
+            return "scale only (BN shift is exactly zero)"
+        if plan.layout.pads_input:
+            return "scale only (BN shift is exactly zero; padding stays zero)"
+        return ""
 
 
 #: BN folded into the layer that produced its input.

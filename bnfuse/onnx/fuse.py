@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import onnx
 
 from bnfuse.backend import FuseOptions, PassResult
+from bnfuse.driver import fold_norm, sweep
 from bnfuse.errors import FusionInvariantError, first_line
 from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
 from bnfuse.onnx.affine import affine_norm
@@ -203,7 +204,8 @@ def fuse_graph(
     ]
     refused: dict[str, Refusal] = {}
     dead: set[str] = set()  # parameters of folded normalizations, dropped once at the end
-    while True:
+
+    def one_pass() -> bool:  # every norm once, in graph order: bnfuse/driver.py
         progressed = False
         refused.clear()
         # ids of nodes removed during this pass; valid only while ``pass_nodes`` holds
@@ -225,21 +227,9 @@ def fuse_graph(
                 continue
             label = node_label(node)
             kind = node.op_type
-            if label in options.exclude:
-                refused[label] = refusal(
-                    label, EXCLUDED, kind=getattr(norm, "kind", kind), scope=scope, code="excluded"
-                )
-                continue
-            scoped = f"{scope}/{label}" if scope else ""
-            pattern = kept_by((label, scoped), options.keep) if options.keep else None
-            if pattern is not None:
-                refused[label] = refusal(
-                    label,
-                    kept_reason(pattern),
-                    kind=getattr(norm, "kind", kind),
-                    scope=scope,
-                    code=KEPT_CODE,
-                )
+            held = _held(label, getattr(norm, "kind", kind), options, scope)
+            if held is not None:
+                refused[label] = held
                 continue
             if isinstance(norm, str):
                 refused[label] = refusal(label, norm, kind=kind, scope=scope)
@@ -256,8 +246,9 @@ def fuse_graph(
                 progressed = True
                 continue
             refused[label] = refusal(label, reason, kind=norm.kind, rule=rule, scope=scope)
-        if not progressed:
-            break
+        return progressed
+
+    sweep(one_pass)
     result.refusals.extend(refused.values())
     if dead:
         g.remove_unused_initializers(dead, reindex=False)  # the edits kept the index exact
@@ -281,47 +272,33 @@ def _unreadable(exc: Exception) -> str:
     return f"cannot read the graph around this node ({type(exc).__name__}: {text})"
 
 
+def _held(label: str, kind: str, options: FuseOptions, scope: str) -> Refusal | None:
+    """The refusal of a normalization the caller keeps (``exclude`` or ``keep``), or None."""
+    if label in options.exclude:
+        return refusal(label, EXCLUDED, kind=kind, scope=scope, code="excluded")
+    scoped = f"{scope}/{label}" if scope else ""
+    pattern = kept_by((label, scoped), options.keep) if options.keep else None
+    if pattern is not None:
+        return refusal(label, kept_reason(pattern), kind=kind, scope=scope, code=KEPT_CODE)
+    return None
+
+
 def _try_fold(
     norm: Norm, g: Graph, backward: list[BackwardRule], forward: list[ForwardRule], scope: str
 ) -> tuple[Fold | None, str, str]:
-    """Fold ``norm``: backward into its producer first, else forward into its consumers.
-    Returns the fold, or None with the reason and rule of the first refusal."""
-    reasons: list[tuple[str, str]] = []
+    """Fold ``norm``: backward into its producer first, else forward into its consumers
+    (the one order of every backend, :func:`bnfuse.driver.fold_norm`). Returns the fold,
+    or None with the reason and rule of the first refusal."""
     prod = g.producer.get(norm.input)
-    for rule in backward:
-        if prod is None:
-            break  # a graph input: no producer to fold into
-        try:
-            m = rule.match(norm, prod, g)
-            if m is None:
-                continue
-            reason = rule.check(m, g)
-        except READ_ERRORS as exc:
-            reasons.append((rule.name, _unreadable(exc)))
-            break
-        if reason is None:
-            try:
-                into = rule.rewrite(m, g)
-            except OverflowError as exc:
-                return None, overflow(node_label(m.producer), exc), rule.name
-            record = fold_record(
-                norm.name,
-                "backward",
-                [into],
-                [rule.name],
-                channels=norm.channels,
-                kind=norm.kind,
-                scope=scope,
-            )
-            return record, "", rule.name
-        reasons.append((rule.name, reason))
-        break  # one producer, one applicable rule
-    if forward:
-        fwd = _try_forward(norm, g, forward, scope)
-        if isinstance(fwd, Fold):
-            return fwd, "", fwd.rule
-        if fwd is not None:
-            reasons.append(fwd)
+    attempts = fold_norm(
+        lambda: _try_backward(norm, g, backward, scope),
+        (lambda: _try_forward(norm, g, forward, scope)) if forward else None,
+        lambda got: isinstance(got, Fold),
+    )
+    last = attempts[-1]
+    if isinstance(last, Fold):
+        return last, "", last.rule
+    reasons = [a for a in attempts if isinstance(a, tuple)]
     if reasons:
         rule_name, reason = reasons[0]
         return None, reason, rule_name
@@ -332,6 +309,40 @@ def _try_fold(
         "and not followed only by Conv/Gemm/MatMul",
         "",
     )
+
+
+def _try_backward(
+    norm: Norm, g: Graph, backward: list[BackwardRule], scope: str
+) -> Fold | tuple[str, str] | None:
+    """Fold ``norm`` into its producer: the fold, or (rule, reason) of the one rule that
+    matched, or None when none matched (or a graph input produces it)."""
+    prod = g.producer.get(norm.input)
+    if prod is None:
+        return None  # a graph input: no producer to fold into
+    for rule in backward:
+        try:
+            m = rule.match(norm, prod, g)
+            if m is None:
+                continue
+            reason = rule.check(m, g)
+        except READ_ERRORS as exc:
+            return (rule.name, _unreadable(exc))
+        if reason is not None:
+            return (rule.name, reason)  # one producer, one applicable rule
+        try:
+            into = rule.rewrite(m, g)
+        except OverflowError as exc:
+            return (rule.name, overflow(node_label(m.producer), exc))
+        return fold_record(
+            norm.name,
+            "backward",
+            [into],
+            [rule.name],
+            channels=norm.channels,
+            kind=norm.kind,
+            scope=scope,
+        )
+    return None
 
 
 def _forward_match(

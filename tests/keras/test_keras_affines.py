@@ -21,8 +21,9 @@ import keras
 from keras_helpers import assert_same_outputs, check_fused, randomize, sample_inputs
 
 import bnfuse
-from bnfuse.keras.affines import flat_index
-from bnfuse.keras.rules import PADDING_REASON
+from bnfuse.fold import Affine
+from bnfuse.keras.affines import flat_affine
+from bnfuse.reasons import PADDING
 
 pytestmark = pytest.mark.keras
 
@@ -176,7 +177,7 @@ CASES: dict[str, tuple[Callable[[Any], Any], dict[str, Any], dict[str, str], str
             K, (6, 6, 3), adapted(K, (6, 6, 3)), K.layers.Conv2D(4, 3, padding="same", name="lin")
         ),
         {},
-        {"bn": PADDING_REASON},
+        {"bn": PADDING},
         "Normalization",
     ),
     "normalization-two-axes-flatten-dense": (
@@ -210,7 +211,7 @@ CASES: dict[str, tuple[Callable[[Any], Any], dict[str, Any], dict[str, str], str
             K.layers.Conv2D(4, 3, padding="same", name="lin"),
         ),
         {},
-        {"bn": PADDING_REASON},
+        {"bn": PADDING},
         "Rescaling",
     ),
     "rescaling-offset-flatten-dense": (
@@ -306,16 +307,19 @@ def test_list_axis_bn_through_channels_first_flatten(K: Any, axis: list[int]) ->
     mask=st.lists(st.booleans(), min_size=4, max_size=4),
     channels_first=st.booleans(),
 )
-def test_flat_index_matches_broadcast_then_flatten(
+def test_flat_affine_matches_broadcast_then_flatten(
     dims: list[int], mask: list[bool], channels_first: bool
 ) -> None:
     """An affine over ``axes``, broadcast over the input and flattened as Flatten does,
-    is the affine's vector gathered at flat_index."""
+    is what flat_affine (the planning core's flatten_affine) gives per feature."""
     axes = tuple(i + 1 for i in range(len(dims)) if mask[i])
     pshape = [d if i + 1 in axes else 1 for i, d in enumerate(dims)]
     param = np.arange(int(np.prod(pshape)), dtype=np.int64).reshape(pshape) * 7 + 3
     full = np.broadcast_to(param, dims)
     if channels_first and len(dims) > 1:
         full = np.moveaxis(full, 0, -1)
-    idx = flat_index(tuple(dims), axes, channels_first)
-    np.testing.assert_array_equal(full.reshape(-1), param.reshape(-1)[idx])
+    vec = param.reshape(-1).astype(np.float64)
+    got = flat_affine(Affine(vec, -2.0 * vec), tuple(dims), axes, channels_first)
+    assert isinstance(got, Affine)
+    np.testing.assert_array_equal(got.scale, full.reshape(-1))
+    np.testing.assert_array_equal(got.shift, -2.0 * full.reshape(-1))

@@ -21,7 +21,7 @@ from keras import layers as L
 from keras_helpers import check_fused, randomize
 
 import bnfuse
-from bnfuse.keras.rules import PADDING_REASON, TRANSPOSE_SHIFT_REASON
+from bnfuse.reasons import PADDING, TRANSPOSE_SHIFT
 
 pytestmark = pytest.mark.keras
 
@@ -378,26 +378,26 @@ CASES: dict[str, Case] = {
         lambda: chain(
             (6, 6, 3), L.ReLU(name="r"), BN(), L.Conv2D(4, 3, padding="same", name="lin")
         ),
-        refusals={"bn": PADDING_REASON},
+        refusals={"bn": PADDING},
         refusal_rules={"bn": "bn-conv"},
     ),
     "relu-bn-conv1d-causal-refused": Case(
         lambda: chain((8, 3), L.ReLU(name="r"), BN(), L.Conv1D(4, 3, padding="causal", name="lin")),
-        refusals={"bn": PADDING_REASON},
+        refusals={"bn": PADDING},
         refusal_rules={"bn": "bn-conv"},
     ),
     "relu-bn-depthwise-same-refused": Case(
         lambda: chain(
             (6, 6, 3), L.ReLU(name="r"), BN(), L.DepthwiseConv2D(3, padding="same", name="lin")
         ),
-        refusals={"bn": PADDING_REASON},
+        refusals={"bn": PADDING},
         refusal_rules={"bn": "bn-depthwise"},
     ),
     "relu-bn-separable-same-refused": Case(
         lambda: chain(
             (6, 6, 3), L.ReLU(name="r"), BN(), L.SeparableConv2D(4, 3, padding="same", name="lin")
         ),
-        refusals={"bn": PADDING_REASON},
+        refusals={"bn": PADDING},
         refusal_rules={"bn": "bn-separable"},
     ),
     "relu-bn-conv-same-zero-shift": Case(
@@ -426,7 +426,7 @@ CASES: dict[str, Case] = {
     ),
     "relu-bn-transpose-refused": Case(
         lambda: chain((4, 4, 3), L.ReLU(name="r"), BN(), L.Conv2DTranspose(4, 3, name="lin")),
-        refusals={"bn": TRANSPOSE_SHIFT_REASON},
+        refusals={"bn": TRANSPOSE_SHIFT},
         refusal_rules={"bn": "bn-conv-transpose"},
     ),
     "relu-bn-transpose-zero-shift": Case(
@@ -465,7 +465,7 @@ CASES: dict[str, Case] = {
             BN(),
             L.Conv2D(4, 3, padding="same", name="lin"),
         ),
-        refusals={"bn": f"{ACT}; forward: {PADDING_REASON}"},
+        refusals={"bn": f"{ACT}; forward: {PADDING}"},
     ),
     "wrong-axis-refused": Case(
         lambda: chain((8, 8, 2), L.Conv2D(3, 3, name="lin"), BN(axis=1)),
@@ -508,7 +508,7 @@ CASES: dict[str, Case] = {
     ),
     "bn-flatten-dense-and-padded-conv-refused": Case(
         _bn_flatten_dense_and_padded_conv,
-        refusals={"bn": f"not every layer after BN can take it: {PADDING_REASON}"},
+        refusals={"bn": f"not every layer after BN can take it: {PADDING}"},
         refusal_rules={"bn": "bn-conv"},
     ),
     "bn-between-nonlinear-refused": Case(
