@@ -17,27 +17,13 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The bnfuse modules ``path`` imports anywhere (top level, functions, classes):
-    ``import a.b``, ``from a import b`` (b a module or a name in a), ``from . import x``
-    (relative). Imports under ``if TYPE_CHECKING:`` are left out: they never run, so they
-    order nothing at import time (a module that takes another's objects as arguments may
-    name their type)."""
+    """The bnfuse modules ``path`` imports anywhere (top level, functions, classes,
+    ``if TYPE_CHECKING`` blocks): ``import a.b``, ``from a import b`` (b a module or a
+    name in a), ``from . import x`` (relative)."""
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     found: set[str] = set()
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    typing_only = {
-        id(sub)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If)
-        and isinstance(node.test, ast.Name)
-        and node.test.id == "TYPE_CHECKING"
-        for stmt in node.body
-        for sub in ast.walk(stmt)
-    }
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]

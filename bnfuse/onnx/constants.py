@@ -28,14 +28,52 @@ pass. bnfuse is not a general simplifier: computed tensors no fold used are left
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx
 
-if TYPE_CHECKING:  # typing only: graph.py calls into this module
-    from bnfuse.onnx.graph import Graph
+
+class Graph(Protocol):
+    """What this module reads and edits of a graph index (:class:`bnfuse.onnx.graph.Graph`,
+    which calls into this module and so is named here by its shape, not imported)."""
+
+    g: onnx.GraphProto
+    treat_initializer_inputs_as_constants: bool
+    shapes: Mapping[str, tuple[int | str | None, ...]]
+    function: bool
+    types: Mapping[str, int]
+    opset: int
+    producer: dict[str, onnx.NodeProto]
+    consumers: dict[str, list[onnx.NodeProto]]
+    inits: dict[str, onnx.TensorProto]
+    input_names: set[str]
+    output_names: set[str]
+    computed: Computed
+
+    @property
+    def outer(self) -> Graph | None: ...
+
+    def const(self, name: str) -> np.ndarray: ...
+
+    def const_dtype(self, name: str) -> int: ...
+
+    def const_reason(self, name: str) -> str | None: ...
+
+    def _dims(self, name: str) -> tuple[int, ...]: ...
+
+    def reindex(self) -> None: ...
+
+    def remove_node(self, node: onnx.NodeProto) -> None: ...
+
+    def drop_value_info(self, names: Iterable[str]) -> None: ...
+
+    def remove_unused_initializers(
+        self, candidates: Iterable[str], reindex: bool = True
+    ) -> None: ...
+
 
 __all__ = [
     "EVALUABLE_OPS",
