@@ -11,6 +11,10 @@ import pytest
 
 tf_keras = pytest.importorskip("tf_keras")
 
+import test_keras_bn_stats as _k3  # noqa: E402  (the Keras 3 twin's helpers)
+from test_keras_bn_stats import data, exact_stats, stale  # noqa: E402
+from test_keras_bn_stats import with_stats as set_stats  # noqa: E402
+
 import bnfuse  # noqa: E402
 from bnfuse.keras.stats import KerasCollector  # noqa: E402
 
@@ -18,52 +22,8 @@ EPS = 1e-3
 
 
 def dense_net() -> Any:
-    """x (6) -> Dense 8 -> BN -> relu -> Dense 5 -> BN, built with tf_keras."""
-    L = tf_keras.layers
-    x = tf_keras.Input((6,), name="x")
-    h = L.Dense(8, name="d1")(x)
-    h = L.BatchNormalization(epsilon=EPS, name="bn1")(h)
-    h = L.Activation("relu", name="relu")(h)
-    h = L.Dense(5, name="d2")(h)
-    y = L.BatchNormalization(epsilon=EPS, name="bn2")(h)
-    model = tf_keras.Model(x, y)
-    r = np.random.default_rng(0)
-    for name in ("d1", "d2"):
-        k, b = model.get_layer(name).get_weights()
-        model.get_layer(name).set_weights([r.normal(0, 1, k.shape), r.normal(1, 1, b.shape)])
-    for name in ("bn1", "bn2"):
-        g, be, m, v = model.get_layer(name).get_weights()
-        model.get_layer(name).set_weights(
-            [r.uniform(0.5, 2, g.shape), r.normal(0, 1, be.shape), m, v]
-        )
-    return model
-
-
-def exact_stats(model: Any, x: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Population statistics of each BN's input, in numpy, upstream first."""
-    k1, b1 = model.get_layer("d1").get_weights()
-    g1, be1, _, _ = model.get_layer("bn1").get_weights()
-    k2, b2 = model.get_layer("d2").get_weights()
-    h1 = x.astype(np.float64) @ k1 + b1
-    m1, v1 = h1.mean(0), h1.var(0)
-    h2 = np.maximum(g1 * (h1 - m1) / np.sqrt(v1 + EPS) + be1, 0) @ k2 + b2
-    return {"bn1": (m1, v1), "bn2": (h2.mean(0), h2.var(0))}
-
-
-def set_stats(model: Any, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Any:
-    for name, (m, v) in stats.items():
-        g, be, _, _ = model.get_layer(name).get_weights()
-        model.get_layer(name).set_weights([g, be, m.astype(np.float32), v.astype(np.float32)])
-    return model
-
-
-def stale(stats: dict[str, tuple[np.ndarray, np.ndarray]], steps: int = 5) -> dict[str, Any]:
-    k = 1 - 0.99**steps  # a few momentum-0.99 updates from mean 0, variance 1
-    return {n: (k * m, 1 - k + k * v) for n, (m, v) in stats.items()}
-
-
-def data(n: int = 40) -> np.ndarray:
-    return np.random.default_rng(1).normal(1.5, 2.0, (n, 6)).astype(np.float32)
+    """The Keras 3 test's two-BN MLP, built with tf_keras."""
+    return _k3.dense_net(K=tf_keras)
 
 
 def test_keras2_exact_statistics_ok_stale_flagged_and_recalibrated() -> None:

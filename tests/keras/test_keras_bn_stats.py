@@ -17,23 +17,24 @@ from bnfuse.keras.stats import KerasCollector
 EPS = 1e-3
 
 
-def dense_net(sequential: bool = False) -> Any:
-    """x (6) -> Dense 8 -> BN -> relu -> Dense 5 -> BN -> y, random kernels and γ/β."""
+def dense_net(sequential: bool = False, K: Any = keras) -> Any:
+    """x (6) -> Dense 8 -> BN -> relu -> Dense 5 -> BN -> y, random kernels and γ/β,
+    built with the Keras module ``K`` (``keras``, or ``tf_keras`` for Keras 2)."""
     layers = [
-        keras.layers.Dense(8, name="d1"),
-        keras.layers.BatchNormalization(epsilon=EPS, name="bn1"),
-        keras.layers.Activation("relu", name="relu"),
-        keras.layers.Dense(5, name="d2"),
-        keras.layers.BatchNormalization(epsilon=EPS, name="bn2"),
+        K.layers.Dense(8, name="d1"),
+        K.layers.BatchNormalization(epsilon=EPS, name="bn1"),
+        K.layers.Activation("relu", name="relu"),
+        K.layers.Dense(5, name="d2"),
+        K.layers.BatchNormalization(epsilon=EPS, name="bn2"),
     ]
     if sequential:
-        model = keras.Sequential([keras.Input((6,), name="x"), *layers])
+        model = K.Sequential([K.Input((6,), name="x"), *layers])
     else:
-        x = keras.Input((6,), name="x")
+        x = K.Input((6,), name="x")
         y = x
         for la in layers:
             y = la(y)
-        model = keras.Model(x, y)
+        model = K.Model(x, y)
     r = np.random.default_rng(0)
     for name in ("d1", "d2"):
         k, b = model.get_layer(name).get_weights()
