@@ -169,7 +169,7 @@ def check_main(args: argparse.Namespace) -> int:
     """Correctness of the written outputs (separate process: not part of bnfuse's memory)."""
     import onnxruntime as ort
 
-    from bnfuse.onnx import external
+    from bnfuse.onnx.storage import external
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

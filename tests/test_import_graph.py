@@ -104,3 +104,24 @@ def test_the_cycle_finder_finds_a_deferred_import_cycle(tmp_path: Path) -> None:
         PACKAGE = saved
     assert graph == {"bnfuse": set(), "bnfuse.a": {"bnfuse.b"}, "bnfuse.b": {"bnfuse.a"}}
     assert find_cycle(graph) == ["bnfuse.a", "bnfuse.b", "bnfuse.a"]
+
+
+STORAGE = "bnfuse.onnx.storage"
+
+
+def test_onnx_storage_is_reached_through_its_package_only() -> None:
+    """wire, payloads, external, serialize and files are the storage package's inside:
+    every other bnfuse module imports only ``bnfuse.onnx.storage`` itself (one load/save
+    interface; docs/architecture.md)."""
+    graph = import_graph()
+    inside = {m for m in graph if m.startswith(STORAGE + ".")}
+    assert {f"{STORAGE}.{m}" for m in ("wire", "payloads", "external", "serialize")} <= inside
+    leaks = sorted(
+        f"{m} imports {n}"
+        for m, deps in graph.items()
+        if m != STORAGE and not m.startswith(STORAGE + ".")
+        for n in deps & inside
+    )
+    assert not leaks, leaks
+    users = {m for m, deps in graph.items() if STORAGE in deps and not m.startswith(STORAGE)}
+    assert {"bnfuse.onnx.backend", "bnfuse.onnx.graph", "bnfuse.onnx.fuse"} <= users

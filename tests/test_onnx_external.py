@@ -17,8 +17,9 @@ import bnfuse
 from bnfuse.backend import FuseOptions
 from bnfuse.errors import ModelLoadError, UnsupportedModelError, UsageError
 from bnfuse.onnx import backend as onnx_backend
-from bnfuse.onnx import external
 from bnfuse.onnx.backend import OnnxBackend, OrtRunner
+from bnfuse.onnx.storage import external
+from bnfuse.onnx.storage import files as storage_files
 
 
 def small_model(seed: int = 0) -> onnx.ModelProto:
@@ -235,18 +236,18 @@ def test_large_model_path_with_a_lowered_threshold(
 ) -> None:
     """The > 2 GB code path, exercised on a small model: external data on save, and
     onnxruntime sessions created from a file path instead of serialized bytes."""
-    monkeypatch.setattr(onnx_backend, "FILE_PATH_THRESHOLD", 1)
+    monkeypatch.setattr(storage_files, "FILE_PATH_THRESHOLD", 1)
     m = small_model(seed=4)
     onnx.save_model(m, str(tmp_path / "plain.onnx"))  # no external data in the input
     made: list[object] = []
-    real_session = onnx_backend._session_source
+    real_session = onnx_backend.session_source
 
     def spy(model):  # type: ignore[no-untyped-def]
         data, tmp = real_session(model)
         made.append(data)
         return data, tmp
 
-    monkeypatch.setattr(onnx_backend, "_session_source", spy)
+    monkeypatch.setattr(onnx_backend, "session_source", spy)
     res = bnfuse.fuse(tmp_path / "plain.onnx", tmp_path / "f.onnx", bench=True, bench_seconds=0.2)
     assert res.validation is not None and res.validation.passed
     assert res.bench is not None and res.bench.rows
@@ -265,7 +266,7 @@ def test_large_model_path_with_a_lowered_threshold(
 def test_loaded_external_model_runs_from_its_own_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(onnx_backend, "FILE_PATH_THRESHOLD", 1)
+    monkeypatch.setattr(storage_files, "FILE_PATH_THRESHOLD", 1)
     save_external(small_model(), tmp_path / "m.onnx")
     be = OnnxBackend()
     model = be.load(tmp_path / "m.onnx")
@@ -378,7 +379,7 @@ def test_external_weights_are_mapped_not_read(tmp_path: Path) -> None:
     # memory map of it: nothing is copied at load, folds read views, the writer streams
     import mmap
 
-    from bnfuse.onnx.payloads import Span, is_placeholder
+    from bnfuse.onnx.storage.payloads import Span, is_placeholder
 
     m = small_model(seed=7)
     save_external(m, tmp_path / "m.onnx")

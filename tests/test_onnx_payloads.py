@@ -1,6 +1,6 @@
-"""Weights kept outside the ModelProto: the wire-level loader (bnfuse.onnx.wire), the
-payload store (bnfuse.onnx.payloads), lazy products (bnfuse.fold.Scaled) and the writer
-that streams them (bnfuse.onnx.serialize). Every path must give the same model, byte for
+"""Weights kept outside the ModelProto: the wire-level loader (bnfuse.onnx.storage.wire), the
+payload store (bnfuse.onnx.storage.payloads), lazy products (bnfuse.fold.Scaled) and the writer
+that streams them (bnfuse.onnx.storage.serialize). Every path must give the same model, byte for
 byte, as parsing and serializing it the ordinary way."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from onnx_util import GraphBuilder, assert_close
 
 import bnfuse
 from bnfuse.fold import Scaled, _scaled
-from bnfuse.onnx import backend as onnx_backend
-from bnfuse.onnx import external, serialize, wire
 from bnfuse.onnx.backend import OnnxBackend, OnnxModel
-from bnfuse.onnx.payloads import LOCATION, Payloads, Span, is_placeholder
+from bnfuse.onnx.storage import external, serialize, wire
+from bnfuse.onnx.storage import files as storage_files
+from bnfuse.onnx.storage.payloads import LOCATION, Payloads, Span, is_placeholder
 
 LIMIT = external.INLINE_LIMIT
 PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -247,7 +247,7 @@ def _big_model(seed: int = 0, c: int = 256) -> onnx.ModelProto:
 @pytest.fixture(autouse=True)
 def _split_small_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """The models here are small: cut them all (as files from SPLIT_THRESHOLD on are)."""
-    monkeypatch.setattr(onnx_backend, "SPLIT_THRESHOLD", 0)
+    monkeypatch.setattr(storage_files, "SPLIT_THRESHOLD", 0)
 
 
 def test_small_files_are_parsed_whole_and_fold_the_same(
@@ -257,7 +257,7 @@ def test_small_files_are_parsed_whole_and_fold_the_same(
     onnx.save(_big_model(4, c=64), src)
     assert OnnxBackend().load(src).payloads is not None
     bnfuse.fuse(src, tmp_path / "split.onnx", validate=False)
-    monkeypatch.setattr(onnx_backend, "SPLIT_THRESHOLD", src.stat().st_size + 1)
+    monkeypatch.setattr(storage_files, "SPLIT_THRESHOLD", src.stat().st_size + 1)
     assert OnnxBackend().load(src).payloads is None
     bnfuse.fuse(src, tmp_path / "whole.onnx", validate=False)
     assert (tmp_path / "split.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
@@ -278,7 +278,7 @@ def test_large_file_is_mapped_and_folds_like_a_read_one(
     assert spans and all(isinstance(e.buf, mmap.mmap) for e in spans)
     res = bnfuse.fuse(src, tmp_path / "mapped.onnx")
     assert res.validation is not None and res.validation.passed and len(res.folds) == 2
-    monkeypatch.setattr(onnx_backend, "MMAP_THRESHOLD", 1 << 40)  # read into bytes instead
+    monkeypatch.setattr(storage_files, "MMAP_THRESHOLD", 1 << 40)  # read into bytes instead
     bnfuse.fuse(src, tmp_path / "read.onnx", validate=False)
     assert (tmp_path / "mapped.onnx").read_bytes() == (tmp_path / "read.onnx").read_bytes()
     assert src.read_bytes() == before

@@ -1,4 +1,4 @@
-"""bnfuse.onnx.serialize writes models in pieces; the bytes must parse to the same model."""
+"""bnfuse.onnx.storage.serialize writes models in pieces; the bytes must parse to the same model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from onnx_util import GraphBuilder
 
-from bnfuse.onnx import serialize
+from bnfuse.onnx.storage import serialize
 
 
 def _model(n_inits: int, size: int, seed: int) -> onnx.ModelProto:

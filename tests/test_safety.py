@@ -196,7 +196,7 @@ def test_outputs_get_the_permissions_of_a_new_file(
 ) -> None:
     """Written through a temporary file, but not with mkstemp's private 0o600: a fused
     model, its external data and a report get what any new file gets under the umask."""
-    from bnfuse.onnx import backend as onnx_backend
+    from bnfuse.onnx.storage import files as storage_files
 
     src = make(tmp_path / "m.onnx")
     res = bnfuse.fuse(src, tmp_path / "f.onnx", validate=False)
@@ -205,7 +205,7 @@ def test_outputs_get_the_permissions_of_a_new_file(
 
     write_report(res, tmp_path / "r.json")
     assert _mode(tmp_path / "r.json") == 0o640
-    monkeypatch.setattr(onnx_backend, "FILE_PATH_THRESHOLD", 1)  # header + external data
+    monkeypatch.setattr(storage_files, "FILE_PATH_THRESHOLD", 1)  # header + external data
     bnfuse.fuse(src, tmp_path / "e.onnx", validate=False)
     assert _mode(tmp_path / "e.onnx") == 0o640
     assert _mode(tmp_path / "e.onnx.data") == 0o640
@@ -223,7 +223,7 @@ def test_replacing_an_output_keeps_its_permissions(tmp_path: Path, umask_027: in
 
 def test_writer_cuts_what_an_existing_file_held_beyond_the_model(tmp_path: Path) -> None:
     """The writer opens without O_TRUNC (see atomic_path); it must still cut the file."""
-    from bnfuse.onnx import serialize
+    from bnfuse.onnx.storage import serialize
 
     model = onnx.load(str(make(tmp_path / "m.onnx")))
     path = tmp_path / "w.onnx"
@@ -239,7 +239,7 @@ def test_output_is_writable_while_written_then_gets_its_final_mode(
     """A read-only mode (a 0o444 file replaced, or umask 0o222) is set only after the
     write: the writers reopen the temporary file, which must stay writable until then
     (root could write it anyway, so the mode is checked, not the open)."""
-    from bnfuse.onnx import serialize
+    from bnfuse.onnx.storage import serialize
 
     src = make(tmp_path / "m.onnx")
     seen: list[int] = []

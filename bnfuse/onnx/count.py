@@ -15,7 +15,7 @@ from bnfuse.onnx.affine import (
     _non_const_input,
     step_of,
 )
-from bnfuse.onnx.graph import Graph, NameSource
+from bnfuse.onnx.graph import Graph, NameSource, subgraph_slots
 from bnfuse.onnx.shapes import ShapeTree, shape_tree
 
 __all__ = ["count_affine_nodes"]
@@ -47,10 +47,8 @@ def count_affine_nodes(model: onnx.ModelProto, shapes: bool = True) -> dict[str,
                 x = _non_const_input(n, g)
                 if isinstance(st, Step) and x is not None and _listed(st, x, g):
                     counts["affine"] += 1
-            for a in n.attribute:
-                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-                for j, sub in enumerate(subs):
-                    walk(sub, tree.children.get((i, a.name, j), ShapeTree()), g, False)
+            for attr, j, sub in subgraph_slots(n):
+                walk(sub, tree.children.get((i, attr, j or 0), ShapeTree()), g, False)
 
     walk(model.graph, shape_tree(model) if shapes else ShapeTree(), None, False)
     for f in model.functions:

@@ -18,12 +18,13 @@ from bnfuse.onnx.graph import (
     NameSource,
     node_label,
     outer_names_used,
+    subgraph_slots,
 )
 from bnfuse.onnx.norm import Norm, bn_norm
-from bnfuse.onnx.payloads import Payloads
 from bnfuse.onnx.rulebase import ForwardMatch, Write
 from bnfuse.onnx.rules import BACKWARD, FORWARD, RULES, BackwardRule, ForwardRule
 from bnfuse.onnx.shapes import ShapeDict, ShapeTree, lazy_shape_tree, shape_map
+from bnfuse.onnx.storage import Payloads, iter_tensors, lazy_copy, materialize
 from bnfuse.plan import fold_record
 from bnfuse.reasons import EXCLUDED, overflow, refusal
 from bnfuse.result import Fold, Refusal
@@ -64,11 +65,9 @@ def fuse_model(
     and every model-local function body. ``payloads`` holds the data of ``model``'s
     placeholder tensors, if it has any. Returns the result and the store of the fused
     model's placeholders: with ``keep_placeholders`` its large main-graph weights stay
-    there (:mod:`bnfuse.onnx.serialize` writes them from it), else every placeholder is
+    there (:mod:`bnfuse.onnx.storage` writes them from it), else every placeholder is
     filled and the model is complete.
     """
-    from bnfuse.onnx.external import iter_tensors, lazy_copy, materialize
-
     if options.in_place:  # the caller will not use ``model`` again
         fused = model
         store = payloads if payloads is not None else Payloads()
@@ -144,25 +143,16 @@ def _fuse_subgraphs(
     scope: str,
 ) -> None:
     for i, node in enumerate(list(g.g.node)):
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                subs: list[tuple[onnx.GraphProto, int | None]] = [(a.g, None)]
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                subs = [(sub, j) for j, sub in enumerate(a.graphs)]
-            else:
-                continue
-            for sub, j in subs:
-                used_outside = outer_names_used(sub)
-                child = tree.children.get((i, a.name, j or 0), ShapeTree())
-                sub_scope = _sub_scope(scope, node, a.name, j)
-                fuse_graph(
-                    sub, names, options, opset, child, result, g, sub_scope, payloads=g.payloads
-                )
-                # outer weights the subgraph no longer reads (it folded into copies)
-                h: Graph | None = g
-                while h is not None:
-                    h.remove_unused_initializers(used_outside)
-                    h = h.outer
+        for attr, j, sub in list(subgraph_slots(node)):
+            used_outside = outer_names_used(sub)
+            child = tree.children.get((i, attr, j or 0), ShapeTree())
+            sub_scope = _sub_scope(scope, node, attr, j)
+            fuse_graph(sub, names, options, opset, child, result, g, sub_scope, payloads=g.payloads)
+            # outer weights the subgraph no longer reads (it folded into copies)
+            h: Graph | None = g
+            while h is not None:
+                h.remove_unused_initializers(used_outside)
+                h = h.outer
 
 
 def fuse_graph(

@@ -13,8 +13,7 @@ from onnx import numpy_helper
 
 from bnfuse.fold import Scaled, round_to
 from bnfuse.onnx.constants import Computed, computable, computed_reason
-from bnfuse.onnx.external import DATA_FIELDS, INLINE_LIMIT
-from bnfuse.onnx.payloads import Payloads, is_placeholder, raw_dtype
+from bnfuse.onnx.storage import DATA_FIELDS, INLINE_LIMIT, Payloads, is_placeholder, raw_dtype
 
 __all__ = [
     "Graph",
@@ -48,13 +47,21 @@ _RECENT = 6
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    """Graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+def subgraph_slots(node: onnx.NodeProto) -> Iterator[tuple[str, int | None, onnx.GraphProto]]:
+    """Every graph a node's attributes hold (If branches, Loop/Scan bodies), as
+    (attribute name, index in a GRAPHS list or None for a GRAPH attribute, graph)."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
+            yield attr.name, None, attr.g
         elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
+            for j, sub in enumerate(attr.graphs):
+                yield attr.name, j, sub
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """Graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    for _, _, sub in subgraph_slots(node):
+        yield sub
 
 
 def outer_names_used(g: onnx.GraphProto) -> set[str]:
@@ -123,7 +130,7 @@ class Graph:
     shapes: Mapping[str, tuple[int | str | None, ...]] = field(default_factory=dict)
     #: True for a function body: no initializers, new constants become Constant nodes.
     function: bool = False
-    #: the data of placeholder tensors (see :mod:`bnfuse.onnx.payloads`), shared by the
+    #: the data of placeholder tensors (see :mod:`bnfuse.onnx.storage`), shared by the
     #: main graph and its subgraphs; the main graph's large new weights are stored there
     payloads: Payloads | None = None
     #: element types by tensor name (shape inference), for computed constants' CastLike

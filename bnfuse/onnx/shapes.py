@@ -10,7 +10,8 @@ from typing import Any
 
 import onnx
 
-from bnfuse.onnx.external import has_large_payloads, skeleton
+from bnfuse.onnx.graph import subgraph_slots
+from bnfuse.onnx.storage import has_large_payloads, skeleton
 
 __all__ = ["Shape", "ShapeDict", "ShapeTree", "lazy_shape_tree", "shape_map", "shape_tree"]
 
@@ -48,12 +49,8 @@ def _collect(graph: onnx.GraphProto) -> ShapeTree:
     for init in graph.initializer:
         values.setdefault(init.name, tuple(int(d) for d in init.dims))
     for i, node in enumerate(graph.node):
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                children[(i, a.name, 0)] = _collect(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for j, sub in enumerate(a.graphs):
-                    children[(i, a.name, j)] = _collect(sub)
+        for attr, j, sub in subgraph_slots(node):
+            children[(i, attr, j or 0)] = _collect(sub)
     return ShapeTree(values, children, types)
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfuse.onnx.backend import OnnxModel, OrtRunner
-from bnfuse.onnx.graph import SUBGRAPH_OPS, node_label
-from bnfuse.onnx.payloads import is_placeholder
+from bnfuse.onnx.backend import OrtRunner
+from bnfuse.onnx.graph import SUBGRAPH_OPS, node_label, subgraphs
+from bnfuse.onnx.storage import OnnxModel, is_placeholder
 from bnfuse.stats import Moments, Site
 
 __all__ = ["OnnxCollector"]
@@ -29,9 +29,7 @@ F64 = np.ndarray
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return node.op_type in SUBGRAPH_OPS or any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
-    )
+    return node.op_type in SUBGRAPH_OPS or next(subgraphs(node), None) is not None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:

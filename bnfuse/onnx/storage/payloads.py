@@ -13,10 +13,10 @@ keeps large main-graph weights *outside* the message:
   (never turned into a ``bytes`` object), a :class:`~bnfuse.fold.Scaled` product a fold
   described but nobody has computed yet (the writer computes it block by block into one
   buffer), or the original TensorProto of a lazy copy
-  (:func:`bnfuse.onnx.external.lazy_copy`).
+  (:func:`bnfuse.onnx.storage.external.lazy_copy`).
 
 Folds read a placeholder as a read-only numpy view (:meth:`Payloads.array`) and write
-new values with :meth:`Payloads.assign`; :func:`bnfuse.onnx.serialize.chunks` writes a
+new values with :meth:`Payloads.assign`; :func:`bnfuse.onnx.storage.serialize.chunks` writes a
 placeholder's payload straight from its entry, and :meth:`Payloads.materialize` turns
 placeholders back into ordinary tensors where a complete ModelProto is needed.
 """

@@ -7,7 +7,7 @@ as bytes), so its tensors live in a data file beside it. This module
   inside the model's directory (no absolute path, no ``..``, no symlink leading out), the
   file must exist and be long enough;
 * maps the data files read-only: main-graph weights become placeholders for spans of the
-  map (:mod:`bnfuse.onnx.payloads`), nothing is read at load; other external tensors
+  map (:mod:`bnfuse.onnx.storage.payloads`), nothing is read at load; other external tensors
   are read tensor by tensor;
 * writes a model as a small header plus one data file, again tensor by tensor (the
   placeholders straight from their store), without modifying the in-memory model and
@@ -32,7 +32,7 @@ import onnx
 
 from bnfuse.backend import atomic_path, open_fresh
 from bnfuse.errors import ModelLoadError, UnsupportedModelError
-from bnfuse.onnx.payloads import (
+from bnfuse.onnx.storage.payloads import (
     RAW_TYPES,
     Payloads,
     Span,
@@ -522,7 +522,7 @@ def lazy_copy(
 ) -> tuple[onnx.ModelProto, Payloads]:
     """A copy of ``model`` whose large tensors are placeholders for the originals.
 
-    A placeholder (see :mod:`bnfuse.onnx.payloads`) keeps the tensor's name, type and
+    A placeholder (see :mod:`bnfuse.onnx.storage.payloads`) keeps the tensor's name, type and
     dims and refers to the original tensor. Reading it goes through the returned store;
     overwriting it (a fold writes a new weight) drops the reference; materializing copies
     the data of the placeholders left over. The copy then holds each weight once,
@@ -530,7 +530,7 @@ def lazy_copy(
     overwriting the folded weights afterwards would hold them twice in the copy.
 
     ``payloads`` is the store of placeholders ``model`` already has (a model loaded by
-    :func:`bnfuse.onnx.wire.split`); the copy shares those and gets a branch of it.
+    :func:`bnfuse.onnx.storage.wire.split`); the copy shares those and gets a branch of it.
     """
     store = payloads.branch() if payloads is not None else Payloads()
 

@@ -12,7 +12,7 @@ repeated field's elements are simply concatenated. So a model is written as
         tag(initializer) varint(len) <TensorProto>     (one per initializer, in order)
 
 which parses to exactly the same message (tested: re-serializing gives the same bytes
-as ``SerializeToString``). A placeholder initializer (:mod:`bnfuse.onnx.payloads`) is
+as ``SerializeToString``). A placeholder initializer (:mod:`bnfuse.onnx.storage.payloads`) is
 written as the tensor it stands for, its payload taken straight from the store: a view of
 the bytes the input file was read into, or of the array a fold computed - never copied
 into a ``bytes`` object first. A message carrying fields this protobuf schema does not
@@ -28,8 +28,8 @@ from typing import Any
 import onnx
 
 from bnfuse.backend import open_fresh
-from bnfuse.onnx.payloads import Payloads, is_placeholder
-from bnfuse.onnx.wire import fields, tag, varint
+from bnfuse.onnx.storage.payloads import Payloads, is_placeholder
+from bnfuse.onnx.storage.wire import fields, tag, varint
 
 __all__ = ["chunks", "to_bytes", "write"]
 
@@ -98,7 +98,7 @@ def chunks(
         # placeholders are written from the store only as main-graph initializers: any
         # elsewhere (subgraphs, Constant nodes, functions) are filled into the model first
         if nested is None:
-            from bnfuse.onnx.external import iter_tensors
+            from bnfuse.onnx.storage.external import iter_tensors
 
             nested = iter_tensors(model, main_initializers=False)
         payloads.materialize(nested)

@@ -154,7 +154,7 @@ def split(
 
     Every main-graph initializer whose data is a ``raw_data`` payload of ``limit`` bytes
     or more is replaced by the same tensor without ``raw_data``, marked as placeholder
-    ``i`` the way :meth:`bnfuse.onnx.payloads.Payloads.mark` marks one (``external_data``
+    ``i`` the way :meth:`bnfuse.onnx.storage.payloads.Payloads.mark` marks one (``external_data``
     ``location``, ``offset: i``, then ``data_location = EXTERNAL``); ``spans[i] =
     (start, end, tensor start, tensor end)`` locates its payload, and the whole tensor
     message, in ``data``. Everything else is copied byte for byte. Returns None when the
