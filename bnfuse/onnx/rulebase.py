@@ -5,8 +5,8 @@ A rule is a named object (``name``, ``direction``, ``doc``) with
 * ``match(norm, node, g)``: the pattern. ``node`` is the normalization's neighbour on
   the rule's side (its producer for a backward rule, one of its consumers for a forward
   one); returns a match (the nodes involved) or None when the rule does not apply;
-* ``check(m, g)``: None, or why the fold is refused (a sentence, tagged with its code by
-  :mod:`bnfuse.reasons` where the planning core made it);
+* ``check(m, g)``: None, or why the fold is refused (a :class:`~bnfuse.reasons.Reason`:
+  the sentence with its code, given where the sentence is written);
 * ``prepare(m, g)``: gathers the arrays, asks the planning core (:mod:`bnfuse.plan`) for
   the plan, computes and rounds every new value (an overflow raises
   :class:`OverflowError` here, before anything is written) and returns the write step,
