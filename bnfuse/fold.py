@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from bnfuse.reasons import Reason, tagged
+
 __all__ = [
     "Affine",
     "DtypeOverflowError",
@@ -103,7 +105,7 @@ def bn_affine(
 
 def check_bn(
     mean: object, var: object, eps: float, gamma: object | None = None, beta: object | None = None
-) -> str | None:
+) -> Reason | None:
     """None when the BN statistics fold to a finite affine, else a user-readable reason."""
     found = checked_bn_affine(mean, var, eps, gamma, beta)
     return found if isinstance(found, str) else None
@@ -111,7 +113,7 @@ def check_bn(
 
 def checked_bn_affine(
     mean: object, var: object, eps: float, gamma: object | None = None, beta: object | None = None
-) -> Affine | str:
+) -> Affine | Reason:
     """:func:`bn_affine` after the checks of :func:`check_bn`: the affine, or why the
     statistics do not fold to a finite one."""
     fast = _finite_bn_affine(mean, var, eps, gamma, beta)
@@ -126,11 +128,11 @@ def checked_bn_affine(
     if not np.isfinite(np.concatenate(list(given.values()))).all():  # one pass, then which
         for label, arr in given.items():
             if not np.isfinite(arr).all():
-                return f"non-finite BN {label} (NaN or Inf)"
+                return tagged("unsafe-statistics", f"non-finite BN {label} (NaN or Inf)")
     if not math.isfinite(eps):
-        return "non-finite BN epsilon"
+        return tagged("unsafe-statistics", "non-finite BN epsilon")
     if (given["variance"] + float(eps) <= 0).any():
-        return "variance + epsilon <= 0: BN is undefined"
+        return tagged("unsafe-statistics", "variance + epsilon <= 0: BN is undefined")
     aff = bn_affine(mean, var, eps, gamma, beta)
     return check_affine(aff) or aff
 
@@ -152,10 +154,10 @@ def _finite_bn_affine(
     return None if check_affine(aff) else aff
 
 
-def check_affine(aff: Affine) -> str | None:
+def check_affine(aff: Affine) -> Reason | None:
     """None when the affine is finite, else a user-readable reason."""
     if not (np.isfinite(aff.scale).all() and np.isfinite(aff.shift).all()):
-        return "BN folds to a non-finite scale or shift"
+        return tagged("unsafe-statistics", "BN folds to a non-finite scale or shift")
     return None
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
-__all__ = ["KEPT_CODE", "kept_by", "kept_reason"]
+from bnfuse.reasons import Reason, tagged
 
-KEPT_CODE = "excluded"  # the refusal code (see bnfuse/reasons.py)
+__all__ = ["kept_by", "kept_reason"]
 
 
 def kept_by(names: Sequence[str], patterns: Sequence[str]) -> str | None:
@@ -23,6 +23,6 @@ def kept_by(names: Sequence[str], patterns: Sequence[str]) -> str | None:
     return None
 
 
-def kept_reason(pattern: str) -> str:
+def kept_reason(pattern: str) -> Reason:
     """The refusal reason of a BN kept by ``pattern``."""
-    return f"kept unfolded: matches --keep {pattern!r}"
+    return tagged("excluded", f"kept unfolded: matches --keep {pattern!r}")

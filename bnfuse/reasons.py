@@ -3,12 +3,15 @@
 Pipelines filter refusals on :attr:`bnfuse.result.Refusal.code` (kebab-case, stable
 within ``bnfuse.result/1``), not on the readable sentence, whose wording may improve.
 
-How a refusal gets its code: the driver that creates the :class:`~bnfuse.result.Refusal`
-calls :func:`refusal` (or passes ``code=`` itself). A rule may tag its reason with a code
-(:func:`tagged`); an untagged reason is classified by :data:`WORDINGS`, an ordered table
-of the phrases bnfuse's reasons are written with (the first match wins). A reason no
-phrase matches gets ``other``; the test suite checks that none of its models' refusals
-does, so a new wording comes with its row here.
+How a refusal gets its code: where a reason is made, it is made with its code, a
+:class:`Reason` (:func:`tagged`, or a wording of this module: :func:`overflow`,
+:data:`PADDING`, ...); a sentence that says a reason with more context keeps its code
+(:meth:`Reason.reworded`), one that joins several takes the weightiest of theirs
+(:meth:`Reason.joined`, by :data:`PRECEDENCE`). The driver that creates the
+:class:`~bnfuse.result.Refusal` calls :func:`refusal`, which takes only a :class:`Reason`
+(mypy checks it) and copies its code. Nothing classifies the text afterwards: an
+untagged sentence would get ``other`` (:func:`code_for`), and the test suite checks that
+no refusal of its models does and that every one came from a tagged reason.
 
 Wordings that several backends use live here once (:data:`PADDING`, :data:`EXCLUDED`,
 :data:`TRANSPOSE_SHIFT`): one reason, one sentence, whatever the model format.
@@ -16,16 +19,14 @@ Wordings that several backends use live here once (:data:`PADDING`, :data:`EXCLU
 
 from __future__ import annotations
 
-import re
-
 from bnfuse.result import Refusal
 
 __all__ = [
     "CODES",
     "EXCLUDED",
     "PADDING",
+    "PRECEDENCE",
     "TRANSPOSE_SHIFT",
-    "WORDINGS",
     "Reason",
     "code_for",
     "overflow",
@@ -57,13 +58,6 @@ CODES: dict[str, str] = {
     "other": "a reason not in this table",
 }
 
-PADDING = "zero padding after BN: fold would change the borders"
-EXCLUDED = "excluded (rolled back)"
-TRANSPOSE_SHIFT = (
-    "BN shift before a transposed convolution: its border outputs sum fewer kernel taps, "
-    "so the shift cannot become a bias (only a pure scale folds)"
-)
-
 
 class Reason(str):
     """A reason sentence that carries its code (a ``str``, so every caller that only
@@ -78,6 +72,31 @@ class Reason(str):
         obj.code = code
         return obj
 
+    def reworded(self, text: str) -> Reason:
+        """``text`` (a sentence that says this reason with more context) with this
+        reason's code."""
+        return Reason(self.code, text)
+
+    @staticmethod
+    def joined(text: str, *parts: Reason) -> Reason:
+        """``text``, a sentence that joins several reasons, with the code of the part
+        that weighs most (:data:`PRECEDENCE`)."""
+        return Reason(min((p.code for p in parts), key=PRECEDENCE.index), text)
+
+
+def tagged(code: str, text: str) -> Reason:
+    """``text`` tagged with ``code`` (one of :data:`CODES`)."""
+    return Reason(code, text)
+
+
+PADDING = tagged("padding", "zero padding after BN: fold would change the borders")
+EXCLUDED = tagged("excluded", "excluded (rolled back)")
+TRANSPOSE_SHIFT = tagged(
+    "padding",
+    "BN shift before a transposed convolution: its border outputs sum fewer kernel taps, "
+    "so the shift cannot become a bias (only a pure scale folds)",
+)
+
 
 def overflow(layer: str, exc: OverflowError) -> Reason:
     """The refusal of a fold into ``layer`` whose values overflow the weights' dtype
@@ -87,85 +106,46 @@ def overflow(layer: str, exc: OverflowError) -> Reason:
     return Reason("overflow", f"folded values of {layer!r} {what} (fold refused)")
 
 
-def tagged(code: str, text: str) -> Reason:
-    """``text`` tagged with ``code`` (one of :data:`CODES`)."""
-    return Reason(code, text)
-
-
-#: (code, pattern) in the order they are tried against a reason's text. Order matters
-#: where a sentence names two things: a combined Keras reason ("no linear layer next to
-#: BN (before: ...; after: ...)") is no-partner whatever its parts say.
-WORDINGS: tuple[tuple[str, str], ...] = (
-    ("excluded", r"^excluded\b|^kept unfolded: matches --keep"),
-    ("no-partner", r"^no linear layer|not Gemm/MatMul$|output has no consumer$"),
-    ("rule-skipped", r"\brule \S+ is disabled|forward folding is disabled"),
-    ("training-mode", r"training mode|training outputs|training=True"),
-    ("overflow", r"overflow"),
-    ("activation-between", r"activation between"),
-    ("padding", r"zero padding after BN|BN shift before a transposed convolution"),
-    ("dtype", r"is not a floating-point tensor"),
-    (
-        "unsafe-statistics",
-        r"variance \+ epsilon|non-finite|not finite|Div by a constant that contains 0",
-    ),
-    (
-        "not-constant",
-        r"not a constant|is computed by|is a (graph|function) input|also listed as a graph "
-        r"input|missing input|is not defined",
-    ),
-    (
-        "shared-output",
-        r"has other consumers|is a graph output|is (also )?a model output|also used by other "
-        r"layers|shared by several call sites|output also feeds|has several outputs|"
-        r"takes several inputs|^not every layer after BN can take it: .*is not a linear layer",
-    ),
-    (
-        "unsupported-layer",
-        r"^malformed|cannot read the graph|inside layer|subclass of BatchNormalization|"
-        r"quantized|LoRA enabled|from the enclosing function's call site|has no weight|"
-        r"is not 2-D|-D, not 2-D|group=|feeds \S+ '.*' as (a|its) weight|"
-        r"is not a linear layer|not followed by Dense",
-    ),
-    (
-        "axis-mismatch",
-        r"axis|axes|channels? (count|but)|channel count|features but|not per output channel|"
-        r"per.channel|different lengths|rank|feature order|[Ff]latten|Reshape|broadcast|"
-        r"input shape of|transposes its input",
-    ),
+#: The codes in the order of their weight, for a sentence that joins several reasons
+#: (:meth:`Reason.joined`): the first a part has names the whole. What the caller chose
+#: or can change (a kept BN, a skipped rule, training mode, a dtype that overflows)
+#: comes before what the layers are; an axis mismatch, which the other side of a BN
+#: often shares, weighs least.
+PRECEDENCE: tuple[str, ...] = (
+    "excluded",
+    "no-partner",
+    "rule-skipped",
+    "training-mode",
+    "overflow",
+    "activation-between",
+    "padding",
+    "dtype",
+    "unsafe-statistics",
+    "not-constant",
+    "shared-output",
+    "unsupported-layer",
+    "axis-mismatch",
+    "other",
 )
-
-_COMPILED = tuple((code, re.compile(pattern)) for code, pattern in WORDINGS)
 
 
 def code_for(reason: str) -> str:
-    """The code of a reason: its tag, else the first :data:`WORDINGS` row it matches,
-    else ``other``."""
+    """The code of a reason: its tag, else ``other`` (an untagged sentence, a bug the
+    test suite looks for)."""
     code = getattr(reason, "code", None)
-    if isinstance(code, str) and code in CODES:
-        return code
-    for code, pattern in _COMPILED:
-        if pattern.search(reason):
-            return code
-    return "other"
+    return code if isinstance(code, str) and code in CODES else "other"
 
 
 def refusal(
     bn: str,
-    reason: str,
+    reason: Reason,
     *,
     kind: str = "BatchNormalization",
     rule: str = "",
     scope: str = "",
-    code: str | None = None,
 ) -> Refusal:
-    """A :class:`~bnfuse.result.Refusal` with its code (``code``, else :func:`code_for`)."""
-    if code is not None and code not in CODES:
-        raise ValueError(f"unknown refusal code {code!r}")
+    """A :class:`~bnfuse.result.Refusal` of ``bn``, with the code of its ``reason`` (the
+    result holds the plain sentence)."""
     return Refusal(
-        bn=bn,
-        reason=str(reason),
-        kind=kind,
-        rule=rule,
-        scope=scope,
-        code=code if code is not None else code_for(reason),
+        bn=bn, reason=str(reason), kind=kind, rule=rule, scope=scope, code=code_for(reason)
     )

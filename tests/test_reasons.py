@@ -1,6 +1,6 @@
 """The table of refusal reasons (bnfuse/reasons.py): stable codes, one wording per reason
-across backends, the schema doc in step, and a known code on every refusal the fold
-tests produce."""
+across backends, the schema doc in step, and a known code, carried by the reason from
+where it was made, on every refusal the fold tests produce."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from onnx_util import GraphBuilder
 
 from bnfuse import reasons
 from bnfuse.backend import FuseOptions
+from bnfuse.keep import kept_reason
 from bnfuse.onnx.backend import OnnxBackend
-from bnfuse.reasons import CODES, WORDINGS, code_for, refusal, tagged
+from bnfuse.reasons import CODES, PRECEDENCE, Reason, code_for, overflow, refusal, tagged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_codes_are_the_contract_kebab_case() -> None:
     assert set(CODES) == CONTRACT
     assert all(re.fullmatch(r"[a-z]+(-[a-z]+)*", c) for c in CODES)
     assert all(CODES[c].strip() for c in CODES)
-    assert {c for c, _ in WORDINGS} <= set(CODES) - {"other"}
+    assert sorted(PRECEDENCE) == sorted(CODES)  # every code has one weight
 
 
 def test_schema_doc_lists_every_code_with_its_meaning() -> None:
@@ -58,29 +59,43 @@ def test_schema_doc_lists_every_code_with_its_meaning() -> None:
     assert "| `code` | string |" in doc.split("## `refusals[]`", 1)[1].split("\n## ", 1)[0]
 
 
-@pytest.mark.parametrize(
-    ("text", "code"),
-    [
-        ("excluded (rolled back)", "excluded"),
-        (reasons.PADDING, "padding"),
-        (reasons.TRANSPOSE_SHIFT, "padding"),
-        ("activation between layer and BN; forward: " + reasons.PADDING, "activation-between"),
-        ("no linear layer next to BN (before: x; after: zero padding after BN)", "no-partner"),
-        ("rule conv-bn is disabled", "rule-skipped"),
-        ("forward folding is disabled", "rule-skipped"),
-        ("folded values overflow float16 (fold refused)", "overflow"),
-        ("Conv weight 'w' is a graph input, not a constant", "not-constant"),
-        ("BatchNormalization is in training mode (training_mode=1)", "training-mode"),
-        ("variance + epsilon <= 0: BN is undefined", "unsafe-statistics"),
-        ("Conv output 'c' has other consumers", "shared-output"),
-        ("BatchNormalization has 4 channels but Conv output has 5", "axis-mismatch"),
-        ("weight 'w' is not a floating-point tensor", "dtype"),
-        ("layer 'lin' is quantized (int8)", "unsupported-layer"),
-        ("a sentence bnfuse never writes", "other"),
-    ],
-)
-def test_code_for_wordings(text: str, code: str) -> None:
-    assert code_for(text) == code
+def test_an_untagged_sentence_gets_other_whatever_it_says() -> None:
+    """Nothing reads the prose: only a tag gives a code (a sentence that looks like a
+    known reason still gets ``other``, which the fold tests below forbid)."""
+    assert code_for("a sentence bnfuse never writes") == "other"
+    assert code_for(str(reasons.PADDING)) == "other"
+    assert code_for("Conv output 'c' has other consumers") == "other"
+    made = refusal("bn", "variance + epsilon <= 0: BN is undefined")  # type: ignore[arg-type]
+    assert made.code == "other"
+
+
+def test_shared_wordings_and_helpers_carry_their_codes() -> None:
+    assert (reasons.PADDING.code, reasons.TRANSPOSE_SHIFT.code) == ("padding", "padding")
+    assert reasons.EXCLUDED.code == "excluded"
+    assert kept_reason("bn_*").code == "excluded"
+    assert kept_reason("bn_*") == "kept unfolded: matches --keep 'bn_*'"
+    exc = OverflowError("x")
+    exc.dtype = "float16"  # type: ignore[attr-defined]
+    r = overflow("conv", exc)
+    assert (r, r.code) == ("folded values of 'conv' overflow float16 (fold refused)", "overflow")
+
+
+def test_a_reworded_or_joined_reason_keeps_a_code() -> None:
+    inner = tagged("not-constant", "'w' is a graph input, not a constant")
+    outer = inner.reworded(f"Conv weight {inner}")
+    assert (outer, outer.code) == (
+        "Conv weight 'w' is a graph input, not a constant",
+        "not-constant",
+    )
+    axis = tagged("axis-mismatch", "BN axis 1 is not the channel axis of 'lin'")
+    act = tagged("activation-between", "activation between layer and BN")
+    skipped = tagged("rule-skipped", "forward folding is disabled")
+    # the weightier code names the joined sentence, whichever side it came from
+    assert Reason.joined(f"{act}; forward: {reasons.PADDING}", act, reasons.PADDING).code == (
+        "activation-between"
+    )
+    assert Reason.joined(f"{axis}; forward: {skipped}", axis, skipped).code == "rule-skipped"
+    assert Reason.joined("x", axis, axis).code == "axis-mismatch"
 
 
 def test_a_tagged_reason_keeps_its_code_and_text() -> None:
@@ -90,11 +105,10 @@ def test_a_tagged_reason_keeps_its_code_and_text() -> None:
     made = refusal("bn", r, rule="conv-bn")
     assert (made.reason, made.code, made.rule) == (str(r), "not-constant", "conv-bn")
     assert type(made.reason) is str  # the result holds plain text (JSON, pickling)
-    assert refusal("bn", "anything", code="excluded").code == "excluded"
     with pytest.raises(ValueError, match="unknown refusal code 'bogus'"):
         tagged("bogus", "x")
     with pytest.raises(ValueError, match="unknown refusal code 'bogus'"):
-        refusal("bn", "x", code="bogus")
+        Reason("bogus", "x")
 
 
 def test_one_wording_per_shared_reason_across_backends() -> None:
@@ -145,8 +159,9 @@ FOLD_TESTS = {
 )
 def test_every_refusal_of_the_fold_tests_has_a_known_code(group: str, tmp_path: Path) -> None:
     """Run the fold tests with every Refusal recorded (tests/refusal_recorder.py): each
-    has a code from the table, never empty and never ``other`` (a new wording comes with
-    its row in bnfuse/reasons.py)."""
+    was made by :func:`bnfuse.reasons.refusal` from a reason tagged where it was written
+    (a plain sentence, or a Refusal built by hand, would fail here), with a code from
+    the table, never empty and never ``other``; one sentence, one code."""
     if group == "keras":
         pytest.importorskip("tensorflow")
     record = tmp_path / "refusals.json"
@@ -164,6 +179,9 @@ def test_every_refusal_of_the_fold_tests_has_a_known_code(group: str, tmp_path: 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     seen = [tuple(x) for x in json.loads(record.read_text(encoding="utf-8"))]
     assert len(seen) >= (60 if group == "onnx" else 20)  # the run really refused things
-    unknown = [(reason, code) for reason, code in seen if code not in CODES or code == "other"]
+    untagged = [(reason, code) for reason, code, tagged in seen if not tagged]
+    assert not untagged, untagged
+    unknown = [(reason, code) for reason, code, _ in seen if code not in CODES or code == "other"]
     assert not unknown, unknown
-    assert all(code == code_for(reason) or code == "unsupported-layer" for reason, code in seen)
+    texts = [reason for reason, _, _ in seen]
+    assert len(set(texts)) == len(texts), "a sentence with two codes"

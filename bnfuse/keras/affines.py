@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 from bnfuse.fold import Affine, bn_affine, check_affine, check_bn
 from bnfuse.keras.compat import Flavor
 from bnfuse.plan import flatten_affine
-from bnfuse.reasons import Reason
+from bnfuse.reasons import Reason, tagged
 
 __all__ = ["AFFINE_KINDS", "LayerAffine", "affine_kind", "flat_affine", "layer_affine"]
 
@@ -45,8 +45,7 @@ class LayerAffine:
     axes: tuple[int, ...] = ()  # counted with the batch dim, ascending
     dims: tuple[int, ...] = ()  # sizes of the input at ``axes``
     rank: int | None = None
-    reason: str | None = None
-    code: str = ""
+    reason: Reason | None = None
 
 
 def affine_kind(fl: Flavor, layer: Any) -> str | None:
@@ -60,12 +59,12 @@ def affine_kind(fl: Flavor, layer: Any) -> str | None:
     return None
 
 
-def _axes(raw: Any, rank: int) -> tuple[int, ...] | str:
+def _axes(raw: Any, rank: int) -> tuple[int, ...] | Reason:
     items = list(raw) if isinstance(raw, list | tuple) else [raw]
     out = []
     for a in items:
         if not isinstance(a, int | np.integer) or not -rank <= int(a) < rank:
-            return f"axis {a} out of range for rank {rank}"
+            return tagged("axis-mismatch", f"axis {a} out of range for rank {rank}")
         out.append(int(a) % rank)
     return tuple(sorted(set(out)))
 
@@ -77,10 +76,10 @@ def _np(fl: Flavor, v: Any) -> F64:
 def _bn(fl: Flavor, layer: Any, out: LayerAffine, shape: tuple[int | None, ...]) -> None:
     axes = _axes(fl.bn_axis(layer), len(shape))
     if isinstance(axes, str):
-        out.reason = f"BN {axes}"
+        out.reason = axes.reworded(f"BN {axes}")
         return
     if 0 in axes:
-        out.reason = "BN normalizes the batch axis"
+        out.reason = tagged("axis-mismatch", "BN normalizes the batch axis")
         return
     out.axes = axes
     mean = _np(fl, layer.moving_mean).reshape(-1)
@@ -90,7 +89,7 @@ def _bn(fl: Flavor, layer: Any, out: LayerAffine, shape: tuple[int | None, ...])
     eps = fl.bn_epsilon(layer)
     bad = check_bn(mean, var, eps, gamma, beta)
     if bad:
-        out.reason, out.code = bad, "unsafe-statistics"
+        out.reason = bad
         return
     out.aff = bn_affine(mean, var, eps, gamma, beta)
 
@@ -103,13 +102,13 @@ def _broadcast_affine(
     rank = len(shape)
     s, t = np.broadcast_arrays(s, t)
     if s.ndim > rank:
-        out.reason = f"{what} has more dimensions than its input"
+        out.reason = tagged("axis-mismatch", f"{what} has more dimensions than its input")
         return
     full = (1,) * (rank - s.ndim) + s.shape
     s, t = s.reshape(full), t.reshape(full)
     axes = tuple(i for i, d in enumerate(full) if d != 1)
     if 0 in axes:
-        out.reason = f"{what} varies over the batch axis"
+        out.reason = tagged("axis-mismatch", f"{what} varies over the batch axis")
         return
     out.axes = axes
     squeeze = tuple(i for i in range(rank) if i not in axes)
@@ -121,15 +120,14 @@ def _broadcast_affine(
 
 def _normalization(fl: Flavor, layer: Any, out: LayerAffine, shape: tuple[int | None, ...]) -> None:
     if getattr(layer, "invert", False):
-        out.reason, out.code = (
-            "Normalization with invert=True (not a forward affine)",
-            "unsupported-layer",
+        out.reason = tagged(
+            "unsupported-layer", "Normalization with invert=True (not a forward affine)"
         )
         return
     mean = getattr(layer, "mean", None)
     var = getattr(layer, "variance", None)
     if mean is None or var is None:
-        out.reason, out.code = "Normalization is not built (no mean/variance)", "not-constant"
+        out.reason = tagged("not-constant", "Normalization is not built (no mean/variance)")
         return
     m, v = _np(fl, mean), _np(fl, var)
     eps = float(fl.module.backend.epsilon())
@@ -142,15 +140,15 @@ def _rescaling(fl: Flavor, layer: Any, out: LayerAffine, shape: tuple[int | None
         s = np.asarray(layer.scale, dtype=np.float64)
         t = np.asarray(layer.offset, dtype=np.float64)
     except (TypeError, ValueError):
-        out.reason, out.code = "Rescaling scale/offset are not constant numbers", "not-constant"
+        out.reason = tagged("not-constant", "Rescaling scale/offset are not constant numbers")
         return
     if (s.ndim or t.ndim) and getattr(layer, "data_format", "channels_last") == "channels_first":
-        out.reason, out.code = "per-channel Rescaling with channels_first data", "unsupported-layer"
+        out.reason = tagged("unsupported-layer", "per-channel Rescaling with channels_first data")
         return
     _broadcast_affine(s, t, shape, out, "Rescaling")
 
 
-def _dtype_reason(fl: Flavor, layer: Any) -> str | None:
+def _dtype_reason(fl: Flavor, layer: Any) -> Reason | None:
     """A preprocessing layer casts its input to its compute dtype; folding it away would
     hand the next layer the uncast input."""
     try:
@@ -160,7 +158,7 @@ def _dtype_reason(fl: Flavor, layer: Any) -> str | None:
     got = fl.dtype(tensor)
     want = np.dtype(str(layer.compute_dtype))
     if got != want:
-        return f"{type(layer).__name__} casts its {got.name} input to {want.name}"
+        return tagged("dtype", f"{type(layer).__name__} casts its {got.name} input to {want.name}")
     return None
 
 
@@ -168,7 +166,7 @@ def layer_affine(fl: Flavor, layer: Any, kind: str, shape: Any) -> LayerAffine:
     """The affine ``layer`` (of ``kind``) applies to an input of ``shape`` (batch incl.)."""
     out = LayerAffine()
     if shape is None:
-        out.reason = f"{kind} input rank unknown"
+        out.reason = tagged("axis-mismatch", f"{kind} input rank unknown")
         return out
     shape = tuple(shape)
     out.rank = len(shape)
@@ -183,20 +181,25 @@ def layer_affine(fl: Flavor, layer: Any, kind: str, shape: Any) -> LayerAffine:
     if kind != "BatchNormalization":
         bad = _dtype_reason(fl, layer)
         if bad:
-            out.reason, out.code, out.aff = bad, "dtype", None
+            out.reason, out.aff = bad, None
             return out
         bad = check_affine(out.aff)
         if bad:
-            out.reason, out.code, out.aff = bad, "unsafe-statistics", None
+            out.reason, out.aff = bad, None
             return out
     dims = [shape[a] for a in out.axes]
     if any(d is None for d in dims):
-        out.reason, out.aff = f"{kind} input size along axes {list(out.axes)} unknown", None
+        out.reason = tagged(
+            "axis-mismatch", f"{kind} input size along axes {list(out.axes)} unknown"
+        )
+        out.aff = None
         return out
     out.dims = tuple(int(d) for d in dims if d is not None)
     if math.prod(out.dims) != out.aff.channels:
-        out.reason = f"{kind} has {out.aff.channels} parameters for axes {list(out.axes)}"
-        out.code, out.aff = "axis-mismatch", None
+        out.reason = tagged(
+            "axis-mismatch", f"{kind} has {out.aff.channels} parameters for axes {list(out.axes)}"
+        )
+        out.aff = None
     return out
 
 

@@ -28,13 +28,13 @@ from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.driver import fold_norm, sweep
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError
 from bnfuse.fold import Affine, round_to
-from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
+from bnfuse.keep import kept_by, kept_reason
 from bnfuse.keras import rules as R
 from bnfuse.keras.affines import affine_kind, flat_affine, layer_affine
 from bnfuse.keras.compat import Flavor, flavor_of
 from bnfuse.keras.graph import INPUT, Node, Scope
 from bnfuse.plan import ForwardPlan
-from bnfuse.reasons import EXCLUDED, code_for, overflow, refusal
+from bnfuse.reasons import EXCLUDED, Reason, overflow, refusal, tagged
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["check_rewritable", "fuse", "is_graph_model"]
@@ -83,11 +83,10 @@ class _BN:
     axis: int | None = None  # the one axis the affine varies over (batch dim counted)
     raw_axis: Any = None
     rank: int | None = None
-    reason: str | None = None  # refused whatever the neighbours
+    reason: Reason | None = None  # refused whatever the neighbours
     kind: str = "BatchNormalization"  # or Normalization / Rescaling (forward only)
     axes: tuple[int, ...] = ()  # every axis the affine varies over (several: Keras 2 BN)
     dims: tuple[int, ...] = ()  # the input's sizes along ``axes``
-    code: str = ""  # refusal code of ``reason``
 
     @property
     def key(self) -> tuple[str, str]:
@@ -113,9 +112,11 @@ class _Attempt:
 
     candidate: bool  # a layer of a foldable kind sits on that side
     rule: str = ""
-    reason: str | None = None
+    reason: Reason | None = None
     fold: Fold | None = None
-    code: str = ""
+    #: its code names a refusal that also gives the other side's reason (a geometry or
+    #: plan refusal backward), rather than the weightier code of the two
+    decisive: bool = False
 
 
 @dataclass
@@ -137,7 +138,7 @@ class _Store:
             self.dtypes[key] = {fl.var_name(v, layer): fl.dtype(v) for v in layer.weights}
         return dict(self.weights[key])
 
-    def check(self, scope: Scope, name: str, new: dict[str, F64]) -> str | None:
+    def check(self, scope: Scope, name: str, new: dict[str, F64]) -> Reason | None:
         """None when ``new`` rounds to the variable dtypes without overflow."""
         dtypes = self.dtypes[(scope.path, name)]
         kdt = dtypes.get("kernel", dtypes.get("pointwise_kernel", np.dtype(np.float32)))
@@ -206,10 +207,12 @@ class _Pass:
                 self.opaque.append(
                     refusal(
                         sub.name,
-                        f"inside layer '{name}' ({type(layer).__name__}), whose "
-                        "internals bnfuse cannot rewrite",
+                        tagged(
+                            "unsupported-layer",
+                            f"inside layer '{name}' ({type(layer).__name__}), whose "
+                            "internals bnfuse cannot rewrite",
+                        ),
                         scope=_join(scope.path, name),
-                        code="unsupported-layer",
                     )
                 )
 
@@ -224,22 +227,23 @@ class _Pass:
         bn = _BN(scope, name, layer, raw_axis=raw, kind=kind)
         nodes = scope.nodes(name)
         if kind == "BatchNormalization" and not self.fl.is_plain_bn(layer):
-            bn.reason = (
-                f"subclass of BatchNormalization ({type(layer).__name__}): its call may differ"
+            bn.reason = tagged(
+                "unsupported-layer",
+                f"subclass of BatchNormalization ({type(layer).__name__}): its call may differ",
             )
             return bn
         for n in nodes:
             training = n.kwargs.get("training")
             if kind == "BatchNormalization" and training is not None and training is not False:
-                bn.reason = (
-                    "BN is called with training=True (batch statistics, not a constant affine)"
+                bn.reason = tagged(
+                    "training-mode",
+                    "BN is called with training=True (batch statistics, not a constant affine)",
                 )
-                bn.code = "training-mode"
                 return bn
         got = layer_affine(self.fl, layer, kind, nodes[0].input_shape if nodes else None)
         bn.rank, bn.axes, bn.dims = got.rank, got.axes, got.dims
         if got.reason is not None or got.aff is None:
-            bn.reason, bn.code = got.reason or f"{kind} is not an affine", got.code
+            bn.reason = got.reason or tagged("unsupported-layer", f"{kind} is not an affine")
             return bn
         bn.aff = got.aff
         bn.axis = got.axes[0] if len(got.axes) == 1 else None
@@ -249,19 +253,19 @@ class _Pass:
 
     def run(self) -> PassResult:
         done: dict[tuple[str, str], Fold] = {}
-        refused: dict[tuple[str, str], tuple[str, str]] = {}  # key -> (reason, code)
+        refused: dict[tuple[str, str], Reason] = {}
         for bn in self.bns:
             if (
                 bn.name in self.options.exclude
                 or _join(bn.scope.path, bn.name) in self.options.exclude
             ):
-                refused[bn.key] = (EXCLUDED, "excluded")
+                refused[bn.key] = EXCLUDED
             elif self.options.keep and (
                 pattern := kept_by((bn.name, _join(bn.scope.path, bn.name)), self.options.keep)
             ):
-                refused[bn.key] = (kept_reason(pattern), KEPT_CODE)
+                refused[bn.key] = kept_reason(pattern)
             elif bn.reason is not None:
-                refused[bn.key] = (bn.reason, bn.code)
+                refused[bn.key] = bn.reason
 
         def one_pass() -> bool:  # the one order of every backend: bnfuse/driver.py
             changed = False
@@ -283,9 +287,8 @@ class _Pass:
             if bn.kind != "BatchNormalization" and not self._next_is_linear(bn):
                 continue  # a Rescaling/Normalization with nothing to fold into: not news
             if bn.key in refused:
-                reason, code = refused[bn.key]
                 refusals.append(
-                    refusal(bn.name, reason, kind=bn.kind, scope=bn.scope.path, code=code or None)
+                    refusal(bn.name, refused[bn.key], kind=bn.kind, scope=bn.scope.path)
                 )
             else:
                 refusals.append(self._refusal(bn))
@@ -306,93 +309,80 @@ class _Pass:
         back = self._backward(bn, apply=False)
         fwd = self._forward(bn, apply=False)
         if not self.options.forward and fwd.candidate:
-            fwd = _Attempt(True, rule=fwd.rule, reason="forward folding is disabled")
-        code = ""
+            fwd = _Attempt(
+                True, rule=fwd.rule, reason=tagged("rule-skipped", "forward folding is disabled")
+            )
+        if back.reason is None or fwd.reason is None:
+            raise FusionInvariantError(f"BN '{bn.name}' was refused without a reason")
         if back.candidate and fwd.candidate:
-            reason = f"{back.reason}; forward: {fwd.reason}"
-            rule, code = back.rule, back.code  # else the combined sentence's code
+            text = f"{back.reason}; forward: {fwd.reason}"
+            reason = (
+                back.reason.reworded(text)
+                if back.decisive
+                else Reason.joined(text, back.reason, fwd.reason)
+            )
+            rule = back.rule
         elif back.candidate:
-            reason, rule, code = back.reason or "", back.rule, back.code
+            reason, rule = back.reason, back.rule
         elif fwd.candidate:
-            reason, rule, code = fwd.reason or "", fwd.rule, fwd.code
+            reason, rule = fwd.reason, fwd.rule
         else:
             what = "BN" if bn.kind == "BatchNormalization" else bn.kind
-            reason = f"no linear layer next to {what} ({back.reason}; {fwd.reason})"
-            rule, code = "", "no-partner"
-        return refusal(
-            bn.name, reason, kind=bn.kind, rule=rule, scope=bn.scope.path, code=code or None
-        )
+            text = f"no linear layer next to {what} ({back.reason}; {fwd.reason})"
+            reason, rule = tagged("no-partner", text), ""
+        return refusal(bn.name, reason, kind=bn.kind, rule=rule, scope=bn.scope.path)
 
     # -- backward --------------------------------------------------------------------
 
     def _backward(self, bn: _BN, apply: bool) -> _Attempt:
         s = bn.scope
         if bn.kind != "BatchNormalization":
-            return _Attempt(False, reason=f"before: a {bn.kind} layer folds forward only")
+            return _Attempt(False, reason=_none_before(f"a {bn.kind} layer folds forward only"))
         nodes = s.nodes(bn.name)
         if not nodes or any(n.primary is None for n in nodes):
-            return _Attempt(False, reason="BN input is not a single tensor")
+            return _Attempt(False, reason=_ONE_INPUT)
         srcs = [n.primary for n in nodes if n.primary is not None]
         if len(srcs) != len(nodes):
-            return _Attempt(False, reason="BN input is not a single tensor")
+            return _Attempt(False, reason=_ONE_INPUT)
         src = srcs[0]
         if src[0] == INPUT or s.class_name(src[0]) == "InputLayer":
             where = f"nested model '{s.path}'" if s.path else "the model"
-            return _Attempt(False, reason=f"before: the input of {where}")
+            return _Attempt(False, reason=_none_before(f"the input of {where}"))
         prod = s.live_layer(src[0])
         rule = R.backward_rule_for(prod) if prod is not None else None
         if rule is None:
             cls = type(prod).__name__ if prod is not None else s.class_name(src[0])
-            return _Attempt(False, reason=f"before: {cls} '{src[0]}' is not a linear layer")
+            return _Attempt(False, reason=_none_before(f"{cls} '{src[0]}' is not a linear layer"))
         att = _Attempt(True, rule=rule.name)
         pname = src[0]
         if rule.name in self.options.skip_rules:
-            att.reason = f"rule {rule.name} is disabled"
+            att.reason = tagged("rule-skipped", f"rule {rule.name} is disabled")
             return att
-        pnodes = s.nodes(pname)
-        if len(nodes) > 1 and (
-            any(r[0] != pname for r in srcs) or len({r[1] for r in srcs}) != len(srcs)
-        ):
-            att.reason = "BN layer is shared by several call sites with different inputs"
-            return att
-        if len(pnodes) != len(nodes):
-            att.reason = f"layer '{pname}' is shared by several call sites"
-            return att
-        for ref in srcs:
-            if ref[2] != 0:
-                att.reason = f"'{pname}' has several outputs"
-                return att
-            users = s.consumers(ref)
-            if len(users) != 1:
-                att.reason = f"output of '{pname}' is also used by other layers"
-                return att
-            if s.is_output(ref):
-                att.reason = f"output of '{pname}' is also a model output"
-                return att
-        bad = rule.check(prod)
-        if bad:
-            att.reason = bad
+        att.reason = _shared_reason(s, len(nodes), srcs, pname) or rule.check(prod)
+        if att.reason:
             return att
         aff, axis, rank = bn.ready()
         ch = rule.kind.channel_axis(prod, rank)
         if bn.axis is None:
-            att.reason = (
+            att.reason = tagged(
+                "axis-mismatch",
                 f"BN normalizes over {bn.axes_text()}; a backward fold needs exactly the "
-                f"channel axis of '{pname}' (axis {ch} of rank {rank})"
+                f"channel axis of '{pname}' (axis {ch} of rank {rank})",
             )
-            att.code = "axis-mismatch"
+            att.decisive = True
             return att
         if axis != ch:
-            att.reason = (
+            att.reason = tagged(
+                "axis-mismatch",
                 f"BN axis {bn.raw_axis} is not the channel axis of '{pname}' (axis {ch} of "
-                f"rank {rank})"
+                f"rank {rank})",
             )
-            att.code = "axis-mismatch"
+            att.decisive = True
             return att
         w = self.store.get(s, pname, prod)
         plan = rule.plan(prod, w, aff, norm=bn.kind)
         if isinstance(plan, str):
-            att.reason, att.code = plan, code_for(plan)
+            att.reason, att.decisive = plan, True
             return att
         new = rule.rewrite(w, plan)
         bad = self.store.check(s, pname, new)
@@ -430,13 +420,13 @@ class _Pass:
         nodes = s.nodes(bn.name)
         src = nodes[0].primary if len(nodes) == 1 else None
         if src is None:
-            return _Attempt(False, reason="after: BN layer is shared by several call sites")
+            return _Attempt(False, reason=_none_after("BN layer is shared by several call sites"))
         out = (bn.name, nodes[0].index, 0)
         users = s.consumers(out)
         if not users:
-            return _Attempt(False, reason="after: no layer, the BN output is a model output")
+            return _Attempt(False, reason=_none_after("no layer, the BN output is a model output"))
         plans: list[_Plan] = []
-        reasons: list[tuple[str, str]] = []  # (the rule that matched, or "", reason)
+        reasons: list[tuple[str, Reason]] = []  # (the rule that matched, or "", reason)
         matched: list[str] = []  # the rule of every user that leads to linear layers
         for u in users:
             got = self._forward_targets(bn, u)
@@ -454,20 +444,19 @@ class _Pass:
             shown = "; ".join(r for _, r in reasons[:3])
             if len(reasons) > 3:
                 shown += f"; and {len(reasons) - 3} more"
-            return _Attempt(False, reason="after: " + shown)
+            return _Attempt(False, reason=_none_after(shown))
         att = _Attempt(True, rule=matched[0])
         if s.is_output(out):
-            att.reason = "BN output is also a model output"
+            att.reason = tagged("shared-output", "BN output is also a model output")
             return att
         if reasons:
             rule_name, reason = reasons[0]
             att.rule = rule_name or att.rule
-            att.code = code_for(reason)  # a tag of the core, else its wording
             what = "BN" if bn.kind == "BatchNormalization" else bn.kind
             att.reason = (
                 reason
                 if len(plans) + len(reasons) == 1
-                else f"not every layer after {what} can take it: {reason}"
+                else reason.reworded(f"not every layer after {what} can take it: {reason}")
             )
             return att
         aff = bn.ready()[0]
@@ -521,7 +510,7 @@ class _Pass:
                     return True
         return False
 
-    def _forward_targets(self, bn: _BN, user: Node) -> str | tuple[R.Rule, list[_Plan | str]]:
+    def _forward_targets(self, bn: _BN, user: Node) -> Reason | tuple[R.Rule, list[_Plan | Reason]]:
         """The rule that matched and, per layer ``user`` leads to, a plan or why that layer
         cannot take the BN; or why ``user`` leads to no linear layer (a plain str)."""
         s = bn.scope
@@ -529,33 +518,37 @@ class _Pass:
         cls = type(layer).__name__ if layer is not None else s.class_name(user.layer)
         out = (bn.name, s.nodes(bn.name)[0].index, 0)
         if layer is None:
-            return f"{cls} '{user.layer}' is not a linear layer"
+            return _not_linear(f"{cls} '{user.layer}'")
         rule = R.forward_rule_for(layer)
         if rule is not None:
             return rule, [self._forward_check(bn, user, layer, rule, None, "")]
         flat = self._flatten_like(layer)
         if flat is None:
-            return f"{cls} '{user.layer}' is not a linear layer"
+            return _not_linear(f"{cls} '{user.layer}'")
         # BN -> Flatten -> Dense
         if user.primary != out:
-            return f"{cls} '{user.layer}' is not a linear layer"
+            return _not_linear(f"{cls} '{user.layer}'")
         shape = user.input_shape
         fout = user.output(0)
         fusers = s.consumers(fout)
         dense_rule = R.rule_by_name("bn-flatten-dense")
-        results: list[_Plan | str] = []
+        results: list[_Plan | Reason] = []
         dense = {
             f.layer
             for f in fusers
             if (lay := s.live_layer(f.layer)) is not None and dense_rule.kind.matches(lay)
         }
         if not dense:
-            return f"{cls} '{user.layer}' is not followed by Dense layers only"
+            return tagged(
+                "unsupported-layer", f"{cls} '{user.layer}' is not followed by Dense layers only"
+            )
         if shape is None or any(d is None for d in shape[1:]):
-            results.append(f"input shape of '{user.layer}' is not fully known")
+            results.append(
+                tagged("axis-mismatch", f"input shape of '{user.layer}' is not fully known")
+            )
             return dense_rule, results
         if s.is_output(fout):
-            results.append(f"output of '{user.layer}' is a model output")
+            results.append(tagged("shared-output", f"output of '{user.layer}' is a model output"))
             return dense_rule, results
         feats = flat_affine(
             bn.ready()[0],
@@ -571,9 +564,7 @@ class _Pass:
             lay = s.live_layer(f.layer)
             if f.layer not in dense:
                 fcls = type(lay).__name__ if lay is not None else s.class_name(f.layer)
-                results.append(
-                    f"{fcls} '{f.layer}' (via {cls} '{user.layer}') is not a linear layer"
-                )
+                results.append(_not_linear(f"{fcls} '{f.layer}' (via {cls} '{user.layer}')"))
                 continue
             results.append(
                 self._forward_check(bn, f, lay, dense_rule, feats, f"via {cls} '{user.layer}'")
@@ -591,31 +582,33 @@ class _Pass:
 
     def _forward_check(
         self, bn: _BN, user: Node, layer: Any, rule: R.Rule, flat: Affine | None, detail: str
-    ) -> _Plan | str:
+    ) -> _Plan | Reason:
         """A plan for folding ``bn`` into ``layer`` (``flat``: the BN's affine per feature
         of a Flatten in between), or why not."""
         s = bn.scope
         aff, axis, rank = bn.ready()
         if rule.name in self.options.skip_rules:
-            return f"rule {rule.name} is disabled"
+            return tagged("rule-skipped", f"rule {rule.name} is disabled")
         if len(s.nodes(user.layer)) != 1:
-            return f"layer '{user.layer}' is shared by several call sites"
+            return tagged("shared-output", f"layer '{user.layer}' is shared by several call sites")
         if user.primary is None:
-            return f"layer '{user.layer}' takes several inputs"
+            return tagged("shared-output", f"layer '{user.layer}' takes several inputs")
         bad = rule.check(layer)
         if bad:
             return bad
         if flat is None and bn.axes:  # one scalar (no axes) goes on every input channel
             ch = rule.kind.channel_axis(layer, rank)
             if bn.axis is None:
-                return (
+                return tagged(
+                    "axis-mismatch",
                     f"{bn.kind} varies over {bn.axes_text()}, not only the input channel "
-                    f"axis of '{user.layer}' (axis {ch} of rank {rank})"
+                    f"axis of '{user.layer}' (axis {ch} of rank {rank})",
                 )
             if axis != ch:
-                return (
+                return tagged(
+                    "axis-mismatch",
                     f"BN axis {bn.raw_axis} is not the input channel axis of '{user.layer}' "
-                    f"(axis {ch} of rank {rank})"
+                    f"(axis {ch} of rank {rank})",
                 )
         w = self.store.get(s, user.layer, layer)
         plan = rule.plan(
@@ -699,6 +692,44 @@ class _Pass:
             raise FusionInvariantError(
                 f"{before} BN/affine layers before, {len(folds)} folded, but {after} remain"
             )
+
+
+def _shared_reason(
+    s: Scope, calls: int, srcs: list[tuple[str, int, int]], pname: str
+) -> Reason | None:
+    """Why the tensors from layer ``pname`` into the BN's ``calls`` call sites (``srcs``)
+    cannot disappear in a backward fold (None: each is read by the BN only)."""
+    if calls > 1 and (any(r[0] != pname for r in srcs) or len({r[1] for r in srcs}) != calls):
+        return tagged(
+            "shared-output", "BN layer is shared by several call sites with different inputs"
+        )
+    if len(s.nodes(pname)) != calls:
+        return tagged("shared-output", f"layer '{pname}' is shared by several call sites")
+    for ref in srcs:
+        if ref[2] != 0:
+            return tagged("shared-output", f"'{pname}' has several outputs")
+        if len(s.consumers(ref)) != 1:
+            return tagged("shared-output", f"output of '{pname}' is also used by other layers")
+        if s.is_output(ref):
+            return tagged("shared-output", f"output of '{pname}' is also a model output")
+    return None
+
+
+_ONE_INPUT = tagged("unsupported-layer", "BN input is not a single tensor")
+
+
+def _not_linear(what: str) -> Reason:
+    return tagged("unsupported-layer", f"{what} is not a linear layer")
+
+
+def _none_before(why: str) -> Reason:
+    """Why no layer before the BN can take it (said only inside a no-partner refusal)."""
+    return tagged("no-partner", f"before: {why}")
+
+
+def _none_after(why: str) -> Reason:
+    """Why no layer after the BN can take it (said only inside a no-partner refusal)."""
+    return tagged("no-partner", f"after: {why}")
 
 
 def _iter_affines(fl: Flavor, model: Any) -> Iterator[Any]:

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from bnfuse.fold import Affine, separable_bias
 from bnfuse.keras.compat import flavor_of_class
 from bnfuse.plan import BackwardPlan, ForwardPlan, Layout, plan_backward, plan_forward
-from bnfuse.reasons import Reason
+from bnfuse.reasons import Reason, tagged
 
 __all__ = [
     "BACKWARD_RULES",
@@ -173,7 +173,7 @@ class Rule:
         """Is ``layer`` of this rule's kind?"""
         return self.kind.matches(layer)
 
-    def check(self, layer: Any) -> str | None:
+    def check(self, layer: Any) -> Reason | None:
         """Why ``layer`` cannot take this fold whatever its weights (None: it can)."""
         if self.direction == "backward":
             return activation_refusal(layer) or layer_refusal(layer)
@@ -302,17 +302,17 @@ def forward_rule_for(layer: Any, via_flatten: bool = False) -> Rule | None:
     return None
 
 
-def layer_refusal(layer: Any) -> str | None:
+def layer_refusal(layer: Any) -> Reason | None:
     """Reasons a linear layer cannot take any fold, whatever the direction."""
     mode = getattr(layer, "quantization_mode", None)
     if mode:
-        return f"layer '{layer.name}' is quantized ({mode})"
+        return tagged("unsupported-layer", f"layer '{layer.name}' is quantized ({mode})")
     if getattr(layer, "lora_enabled", False):
-        return f"layer '{layer.name}' has LoRA enabled"
+        return tagged("unsupported-layer", f"layer '{layer.name}' has LoRA enabled")
     return None
 
 
-def activation_refusal(layer: Any) -> str | None:
+def activation_refusal(layer: Any) -> Reason | None:
     if not _is_linear_activation(layer):
-        return "activation between layer and BN"
+        return tagged("activation-between", "activation between layer and BN")
     return None

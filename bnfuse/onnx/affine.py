@@ -37,6 +37,7 @@ import onnx
 from bnfuse.fold import Affine
 from bnfuse.onnx.graph import FLOAT_TYPES, Graph, node_label
 from bnfuse.onnx.norm import ELEMENTWISE, Norm
+from bnfuse.reasons import Reason, tagged
 
 __all__ = ["AFFINE_OPS", "LINEAR_OPS", "Step", "affine_norm", "step_of"]
 
@@ -66,7 +67,7 @@ def _default(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
-def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
+def step_of(node: onnx.NodeProto, g: Graph) -> Step | Reason | None:
     """The affine ``node`` applies to its non-constant input.
 
     Returns a :class:`Step`, a reason when the node is a Mul/Add/Sub/Div by a stored
@@ -87,7 +88,7 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
         return None  # c / x is not affine in x
     reason = g.const_reason(c)
     if reason:
-        return f"{op} operand {reason}"
+        return reason.reworded(f"{op} operand {reason}")
     if g.const_dtype(c) not in FLOAT_TYPES:
         return None
     value = g.const(c)
@@ -96,20 +97,23 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
     axis: int | None = None
     if value.size == 1:
         if value.ndim > (rank if rank is not None else 1):
-            return (
+            return tagged(
+                "axis-mismatch",
                 f"{op} constant of shape {shape} has more dimensions than its input "
-                f"({_rank_text(rank)}): it would broadcast the input"
+                f"({_rank_text(rank)}): it would broadcast the input",
             )
     else:
         if rank is None:
-            return (
+            return tagged(
+                "axis-mismatch",
                 f"cannot prove which axis the {op} constant of shape {shape} applies to "
-                f"(rank of {x!r} unknown)"
+                f"(rank of {x!r} unknown)",
             )
         if value.ndim > rank:
-            return (
+            return tagged(
+                "axis-mismatch",
                 f"{op} constant of shape {shape} has more dimensions than its rank-{rank} "
-                "input: it would broadcast the input"
+                "input: it would broadcast the input",
             )
         aligned = [1] * (rank - value.ndim) + shape
         varying = [i for i, d in enumerate(aligned) if d != 1]
@@ -125,20 +129,22 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
                 return elem
             return Step(node, x, c, elem, ELEMENTWISE, rank, tuple(aligned))
         if len(varying) > 1:
-            return (
+            return tagged(
+                "axis-mismatch",
                 f"{op} constant of shape {shape} varies along axes {varying} of its "
-                f"rank-{rank} input: not a per-channel affine"
+                f"rank-{rank} input: not a per-channel affine",
             )
         axis = varying[0]
         xshape = g.shapes.get(x)
         if xshape is not None and isinstance(xshape[axis], int) and xshape[axis] != value.size:
-            return (
+            return tagged(
+                "axis-mismatch",
                 f"{op} constant of shape {shape} broadcasts axis {axis} of its input "
-                f"(size {xshape[axis]}): not a per-channel affine"
+                f"(size {xshape[axis]}): not a per-channel affine",
             )
     vec = value.astype(np.float64).reshape(-1)
     if not np.all(np.isfinite(vec)):
-        return f"{op} constant is not finite (NaN or Inf)"
+        return tagged("unsafe-statistics", f"{op} constant is not finite (NaN or Inf)")
     ones, zeros = np.ones_like(vec), np.zeros_like(vec)
     if op == "Mul":
         aff = Affine(vec, zeros)
@@ -148,18 +154,18 @@ def step_of(node: onnx.NodeProto, g: Graph) -> Step | str | None:
         aff = Affine(ones, -vec) if not ka else Affine(-ones, vec)
     else:  # Div(x, c)
         if np.any(vec == 0):
-            return "Div by a constant that contains 0"
+            return tagged("unsafe-statistics", "Div by a constant that contains 0")
         with np.errstate(over="ignore"):  # a reciprocal too large is refused just below
             aff = Affine(1.0 / vec, zeros)
     if not (np.all(np.isfinite(aff.scale)) and np.all(np.isfinite(aff.shift))):
-        return f"{op} constant gives a non-finite affine"
+        return tagged("unsafe-statistics", f"{op} constant gives a non-finite affine")
     return Step(node, x, c, aff, axis, rank)
 
 
-def _elementwise_affine(op: str, value: np.ndarray, const_first: bool) -> Affine | str:
+def _elementwise_affine(op: str, value: np.ndarray, const_first: bool) -> Affine | Reason:
     vec = value.astype(np.float64).reshape(-1)
     if not np.all(np.isfinite(vec)):
-        return f"{op} constant is not finite (NaN or Inf)"
+        return tagged("unsafe-statistics", f"{op} constant is not finite (NaN or Inf)")
     ones, zeros = np.ones_like(vec), np.zeros_like(vec)
     if op == "Mul":
         return Affine(vec, zeros)
@@ -168,7 +174,7 @@ def _elementwise_affine(op: str, value: np.ndarray, const_first: bool) -> Affine
     if op == "Sub":
         return Affine(-ones, vec) if const_first else Affine(ones, -vec)
     if np.any(vec == 0):
-        return "Div by a constant that contains 0"
+        return tagged("unsafe-statistics", "Div by a constant that contains 0")
     return Affine(1.0 / vec, zeros)
 
 
@@ -321,7 +327,7 @@ def bn_pair(chain: list[Step]) -> bool:
     return bool(ops & {"Mul", "Div"}) and bool(ops & {"Add", "Sub"}) and per_channel
 
 
-def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None:
+def affine_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | Reason | None:
     """NORM_FINDER: the affine chain that starts at ``node``, a reason, or None.
 
     None for every node that is not the first of a chain (the first one speaks for the

@@ -33,7 +33,7 @@ from bnfuse.onnx.rulebase import (
     weight_reason,
 )
 from bnfuse.plan import BackwardPlan, plan_backward
-from bnfuse.reasons import Reason
+from bnfuse.reasons import Reason, tagged
 
 __all__ = ["BACKWARD_RULES", "BackwardRule", "ConvBN", "ConvTransposeBN", "GemmBN", "MatMulBN"]
 
@@ -49,7 +49,7 @@ class BackwardRule(Rule[BackwardMatch]):
             return None
         return BackwardMatch(norm, node)
 
-    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+    def check(self, m: BackwardMatch, g: Graph) -> Reason | None:
         """The checks every rule makes, those on the weights, then the core's plan."""
         reason = self._common(m, g) or self._weights_reason(m, g)
         if reason:
@@ -57,20 +57,20 @@ class BackwardRule(Rule[BackwardMatch]):
         plan = self.plan(m, g)
         return plan if isinstance(plan, str) else None
 
-    def _weights_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+    def _weights_reason(self, m: BackwardMatch, g: Graph) -> Reason | None:
         raise NotImplementedError
 
     def plan(self, m: BackwardMatch, g: Graph) -> BackwardPlan | Reason:
         """The planning core's answer for this match (its layer's layout)."""
         raise NotImplementedError
 
-    def _common(self, m: BackwardMatch, g: Graph) -> str | None:
+    def _common(self, m: BackwardMatch, g: Graph) -> Reason | None:
         reason = ref_attr_reason(m.producer) or self._axis_reason(m, g)
         if reason:
             return reason
         return g.intermediate_reason(m.tail.output[0], m.tail.op_type)
 
-    def _axis_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+    def _axis_reason(self, m: BackwardMatch, g: Graph) -> Reason | None:
         """Conv, ConvTranspose and Gemm outputs have their channels on axis 1."""
         return m.norm.channel_axis_reason(f"{m.producer.op_type} output")
 
@@ -89,7 +89,7 @@ class _ConvLikeBN(BackwardRule):
     """Conv and ConvTranspose: the layout (:func:`~bnfuse.onnx.rulebase.conv_layout`)
     says how the weight indexes output channels."""
 
-    def _weights_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+    def _weights_reason(self, m: BackwardMatch, g: Graph) -> Reason | None:
         p = m.producer
         return (
             weight_reason(g, p, 1)
@@ -139,7 +139,7 @@ class GemmBN(BackwardRule):
     name = "gemm-bn"
     ops = ("Gemm",)
 
-    def _weights_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+    def _weights_reason(self, m: BackwardMatch, g: Graph) -> Reason | None:
         p = m.producer
         reason = (
             weight_reason(g, p, 1, "B")
@@ -147,7 +147,7 @@ class GemmBN(BackwardRule):
             or float_weight_reason(g, p.input[1])
         )
         if not reason and g.const(p.input[1]).ndim != 2:
-            return "Gemm B is not 2-D"
+            return tagged("unsupported-layer", "Gemm B is not 2-D")
         return reason
 
     def plan(self, m: BackwardMatch, g: Graph) -> BackwardPlan | Reason:
@@ -191,7 +191,7 @@ class MatMulBN(BackwardRule):
     def match(self, norm: Norm, node: onnx.NodeProto, g: Graph) -> BackwardMatch | None:
         return _matmul_chain(norm, node, g)
 
-    def _weights_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+    def _weights_reason(self, m: BackwardMatch, g: Graph) -> Reason | None:
         p = m.producer
         for n in (p, m.add, m.via):
             if n is not None and n is not m.tail:
@@ -201,10 +201,10 @@ class MatMulBN(BackwardRule):
         reason = weight_reason(g, p, 1) or float_weight_reason(g, p.input[1])
         w = g.const(p.input[1]) if not reason else None
         if w is not None and w.ndim != 2:
-            return f"MatMul weight is {w.ndim}-D, not 2-D"
+            return tagged("unsupported-layer", f"MatMul weight is {w.ndim}-D, not 2-D")
         return reason
 
-    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+    def check(self, m: BackwardMatch, g: Graph) -> Reason | None:
         reason = super().check(m, g)
         if reason:
             return reason
@@ -219,7 +219,7 @@ class MatMulBN(BackwardRule):
         layout = layout_of(m, lambda: matrix_layout(g.const(m.producer.input[1])))
         return plan_backward(layout, m.norm.affine, layer="MatMul", norm=m.norm.kind)
 
-    def _axis_reason(self, m: BackwardMatch, g: Graph) -> str | None:
+    def _axis_reason(self, m: BackwardMatch, g: Graph) -> Reason | None:
         # x @ W scales the LAST axis; any input rank works for a last-axis affine.
         norm = m.norm
         if norm.axis is not None and norm.rank is None:
@@ -278,7 +278,7 @@ def _matmul_chain(norm: Norm, node: onnx.NodeProto, g: Graph) -> BackwardMatch |
     return None
 
 
-def _add_bias_reason(m: BackwardMatch, n: int, g: Graph) -> str | None:
+def _add_bias_reason(m: BackwardMatch, n: int, g: Graph) -> Reason | None:
     """Why the MatMul's bias Add does not add one value per output channel (None: it
     does, or there is no Add)."""
     if m.add is None:
@@ -286,7 +286,9 @@ def _add_bias_reason(m: BackwardMatch, n: int, g: Graph) -> str | None:
     b = g.const(_bias_name(m))
     rank = g.rank(m.add.output[0])
     if not per_channel_bias(b, n, rank if rank is not None else 1):
-        return f"Add bias of shape {list(b.shape)} is not per output channel"
+        return tagged(
+            "axis-mismatch", f"Add bias of shape {list(b.shape)} is not per output channel"
+        )
     return None
 
 
@@ -299,7 +301,7 @@ def _bias_name(m: BackwardMatch) -> str:
     return add.input[1] if add.input[0] == src else add.input[0]
 
 
-def _reshape_reason(via: onnx.NodeProto, n: int, g: Graph) -> str | None:
+def _reshape_reason(via: onnx.NodeProto, n: int, g: Graph) -> Reason | None:
     """Why the Reshape after a MatMul may not keep its last axis of ``n`` (None: it does)."""
     shape = g.shapes.get(via.output[0])
     last = shape[-1] if shape else None
@@ -307,9 +309,13 @@ def _reshape_reason(via: onnx.NodeProto, n: int, g: Graph) -> str | None:
         target = g.const(via.input[1]).reshape(-1)
         last = int(target[-1]) if target.size and int(target[-1]) > 0 else None
     if not isinstance(last, int):
-        return "cannot prove that the Reshape after the MatMul keeps the last axis"
+        return tagged(
+            "axis-mismatch", "cannot prove that the Reshape after the MatMul keeps the last axis"
+        )
     if last != n:
-        return f"the Reshape after the MatMul changes the last axis ({n} -> {last})"
+        return tagged(
+            "axis-mismatch", f"the Reshape after the MatMul changes the last axis ({n} -> {last})"
+        )
     return None
 
 

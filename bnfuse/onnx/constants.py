@@ -35,6 +35,8 @@ from typing import Protocol
 import numpy as np
 import onnx
 
+from bnfuse.reasons import Reason, tagged
+
 
 class Graph(Protocol):
     """What this module reads and edits of a graph index (:class:`bnfuse.onnx.graph.Graph`,
@@ -60,7 +62,7 @@ class Graph(Protocol):
 
     def const_dtype(self, name: str) -> int: ...
 
-    def const_reason(self, name: str) -> str | None: ...
+    def const_reason(self, name: str) -> Reason | None: ...
 
     def _dims(self, name: str) -> tuple[int, ...]: ...
 
@@ -115,7 +117,7 @@ class Computed:
     the tensors inside the subgraphs that produced them (candidates for :func:`prune`)."""
 
     values: dict[str, np.ndarray] = field(default_factory=dict)
-    reasons: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, Reason] = field(default_factory=dict)
     inner: set[str] = field(default_factory=set)
     structure: dict[str, bool] = field(default_factory=dict)  # see computable()
 
@@ -124,7 +126,7 @@ class _NotConstant(Exception):
     """Raised inside the walk: the reason the tensor is not a computable constant."""
 
 
-def computed_reason(g: Graph, name: str) -> str | None:
+def computed_reason(g: Graph, name: str) -> Reason | None:
     """None when ``name`` (produced by a node that is not ``Constant``) is a constant
     this module can compute, its value then in ``g.computed.values``; else why not."""
     cache = g.computed
@@ -137,7 +139,9 @@ def computed_reason(g: Graph, name: str) -> str | None:
         order = _subgraph(g, name)
         env = _evaluate(g, order)
     except _NotConstant as exc:
-        reason = f"{name!r} is computed by a {prod.op_type} node, not a constant ({exc})"
+        reason = tagged(
+            "not-constant", f"{name!r} is computed by a {prod.op_type} node, not a constant ({exc})"
+        )
         cache.reasons[name] = reason
         return reason
     cache.values[name] = env[name]

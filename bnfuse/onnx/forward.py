@@ -35,7 +35,7 @@ from bnfuse.onnx.rulebase import (
     weight_reason,
 )
 from bnfuse.plan import ForwardPlan, flatten_affine, plan_forward
-from bnfuse.reasons import Reason, code_for
+from bnfuse.reasons import Reason, tagged
 
 __all__ = ["FORWARD_RULES", "BNConv", "BNGemm", "ForwardRule"]
 
@@ -58,10 +58,13 @@ class BNConv(ForwardRule):
             return None
         return ForwardMatch(norm, node)
 
-    def check(self, m: ForwardMatch, g: Graph) -> str | None:
+    def check(self, m: ForwardMatch, g: Graph) -> Reason | None:
         norm, c = m.norm, m.node
         if c.input[0] != norm.output or list(c.input).count(norm.output) != 1:
-            return f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as a weight"
+            return tagged(
+                "unsupported-layer",
+                f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as a weight",
+            )
         reason = (
             norm.channel_axis_reason(f"{c.op_type} input")
             or ref_attr_reason(c)
@@ -112,7 +115,7 @@ class BNGemm(ForwardRule):
             return ForwardMatch(norm, after if after is not None else node, via=node)
         return ForwardMatch(norm, node) if node.op_type in ("Gemm", "MatMul") else None
 
-    def check(self, m: ForwardMatch, g: Graph) -> str | None:
+    def check(self, m: ForwardMatch, g: Graph) -> Reason | None:
         norm, c, via = m.norm, m.node, m.via
         if via is not None:
             reason = _via_reason(m, g)
@@ -120,16 +123,22 @@ class BNGemm(ForwardRule):
                 return reason
         src = via.output[0] if via is not None else norm.output
         if c.input[0] != src or list(c.input).count(src) != 1:
-            return f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as its weight"
+            return tagged(
+                "unsupported-layer",
+                f"{norm.kind} output feeds {c.op_type} {node_label(c)!r} as its weight",
+            )
         if c.op_type == "Gemm" and attr(c, "transA", 0):
-            return "Gemm transposes its input (transA=1): BN channel axis is not the reduced axis"
+            return tagged(
+                "axis-mismatch",
+                "Gemm transposes its input (transA=1): BN channel axis is not the reduced axis",
+            )
         reason = ref_attr_reason(c) or weight_reason(g, c, 1) or float_weight_reason(g, c.input[1])
         if c.op_type == "Gemm":
             reason = reason or optional_const_reason(g, c, 2)
         if reason:
             return reason
         if g.const(c.input[1]).ndim != 2:
-            return f"{c.op_type} weight is not 2-D"
+            return tagged("unsupported-layer", f"{c.op_type} weight is not 2-D")
         if via is None:
             reason = _last_axis_reason(norm, c, g)
             if reason:
@@ -145,9 +154,9 @@ class BNGemm(ForwardRule):
                 g.const(c.input[1]), trans=c.op_type == "Gemm" and bool(attr(c, "transB", 0))
             ),
         )
-        aff: Affine | str = m.norm.affine if m.via is None else flattened(m.norm, m.via, g)
+        aff: Affine | Reason = m.norm.affine if m.via is None else flattened(m.norm, m.via, g)
         if isinstance(aff, str):
-            return Reason(code_for(aff), aff)  # ``check`` refused it already
+            return aff  # ``check`` refused it already
         return plan_forward(
             layout, aff, layer=c.op_type, norm=m.norm.kind, per_feature=m.via is not None
         )
@@ -173,7 +182,7 @@ class BNGemm(ForwardRule):
         return write
 
 
-def _via_reason(m: ForwardMatch, g: Graph) -> str | None:
+def _via_reason(m: ForwardMatch, g: Graph) -> Reason | None:
     """Why the Flatten/Reshape between does not lead a provable flatten into a
     Gemm/MatMul (None when it does)."""
     via = m.via
@@ -184,13 +193,15 @@ def _via_reason(m: ForwardMatch, g: Graph) -> str | None:
         return flat
     if g.only_consumer(via.output[0]) is None:
         reason = g.intermediate_reason(via.output[0], via.op_type)
-        return reason or f"{via.op_type} output has no consumer"
+        return reason or tagged("no-partner", f"{via.op_type} output has no consumer")
     if m.node.op_type not in ("Gemm", "MatMul") or m.node.domain not in _DEFAULT:
-        return f"{via.op_type} is followed by {m.node.op_type}, not Gemm/MatMul"
+        return tagged(
+            "no-partner", f"{via.op_type} is followed by {m.node.op_type}, not Gemm/MatMul"
+        )
     return None
 
 
-def _last_axis_reason(norm: Norm, c: onnx.NodeProto, g: Graph) -> str | None:
+def _last_axis_reason(norm: Norm, c: onnx.NodeProto, g: Graph) -> Reason | None:
     """Without a Flatten: Gemm takes a 2-D input; MatMul with a 2-D weight reduces the
     LAST axis of an input of any rank, so a last-axis affine (or scalar) folds into its
     rows."""
@@ -200,30 +211,36 @@ def _last_axis_reason(norm: Norm, c: onnx.NodeProto, g: Graph) -> str | None:
         return None
     rank = norm.rank if norm.rank is not None else g.rank(norm.input)
     if rank is None:
-        return f"cannot prove the rank of the {c.op_type} input (no shape information)"
+        return tagged(
+            "axis-mismatch",
+            f"cannot prove the rank of the {c.op_type} input (no shape information)",
+        )
     if (c.op_type == "Gemm" and rank != 2) or norm.axis != rank - 1:
-        return (
+        return tagged(
+            "axis-mismatch",
             f"{norm.kind} {norm.verb} axis {norm.axis} of a rank-{rank} tensor but "
-            f"{c.op_type} reduces over the last axis"
+            f"{c.op_type} reduces over the last axis",
         )
     return None
 
 
-def flattened(norm: Norm, c: onnx.NodeProto, g: Graph) -> Affine | str:
+def flattened(norm: Norm, c: onnx.NodeProto, g: Graph) -> Affine | Reason:
     """The affine per feature of what Flatten/Reshape ``c`` makes of the norm's output:
     the input's non-batch dims must be static and ``c`` provably a flatten to
     ``[N, features]``; the expansion itself is :func:`bnfuse.plan.flatten_affine`."""
     shape = g.shapes.get(norm.input)
     if shape is None or len(shape) < 2 or any(not isinstance(d, int) for d in shape[1:]):
-        return f"cannot prove the {c.op_type} feature order (unknown input shape)"
+        return tagged(
+            "axis-mismatch", f"cannot prove the {c.op_type} feature order (unknown input shape)"
+        )
     feat_shape = tuple(int(d) for d in shape[1:])  # type: ignore[arg-type]
     feat = math.prod(feat_shape)
     if c.op_type == "Flatten":
         if int(attr(c, "axis", 1)) != 1:
-            return "Flatten axis is not 1"
+            return tagged("axis-mismatch", "Flatten axis is not 1")
     else:  # Reshape: must produce [N, prod(dims)]
         if g.const_reason(c.input[1]):
-            return "Reshape shape is not a constant"
+            return tagged("not-constant", "Reshape shape is not a constant")
         target = [int(v) for v in g.const(c.input[1]).reshape(-1)]
         ok = (
             len(target) == 2
@@ -232,7 +249,7 @@ def flattened(norm: Norm, c: onnx.NodeProto, g: Graph) -> Affine | str:
             and not (target[0] == -1 and target[1] != feat)
         )
         if not ok:
-            return f"Reshape to {target} is not a provable flatten"
+            return tagged("axis-mismatch", f"Reshape to {target} is not a provable flatten")
     return flatten_affine(
         norm.affine,
         feat_shape,

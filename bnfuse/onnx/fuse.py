@@ -9,7 +9,7 @@ import onnx
 from bnfuse.backend import FuseOptions, PassResult
 from bnfuse.driver import fold_norm, sweep
 from bnfuse.errors import FusionInvariantError, first_line
-from bnfuse.keep import KEPT_CODE, kept_by, kept_reason
+from bnfuse.keep import kept_by, kept_reason
 from bnfuse.onnx.affine import affine_norm
 from bnfuse.onnx.constants import prune as prune_computed
 from bnfuse.onnx.graph import (
@@ -26,7 +26,7 @@ from bnfuse.onnx.rules import BACKWARD, FORWARD, RULES, BackwardRule, ForwardRul
 from bnfuse.onnx.shapes import ShapeDict, ShapeTree, lazy_shape_tree, shape_map
 from bnfuse.onnx.storage import Payloads, iter_tensors, lazy_copy, materialize
 from bnfuse.plan import fold_record
-from bnfuse.reasons import EXCLUDED, overflow, refusal
+from bnfuse.reasons import EXCLUDED, Reason, overflow, refusal, tagged
 from bnfuse.result import Fold, Refusal
 
 __all__ = ["NORM_FINDERS", "RULE_NAMES", "ShapeTree", "fuse_graph", "fuse_model", "shape_map"]
@@ -37,10 +37,10 @@ AFFINE_FINDER = "const-affine"
 
 RULE_NAMES: tuple[str, ...] = (*(r.name for r in RULES), AFFINE_FINDER)
 
-NormFinder = Callable[[onnx.NodeProto, Graph, int], "Norm | str | None"]
+NormFinder = Callable[[onnx.NodeProto, Graph, int], "Norm | Reason | None"]
 
 
-def _bn_finder(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str | None:
+def _bn_finder(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | Reason | None:
     if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
         return bn_norm(node, g, opset)
     return None
@@ -205,7 +205,7 @@ def fuse_graph(
         for node in pass_nodes:
             if id(node) in removed:
                 continue
-            norm: Norm | str | None = None
+            norm: Norm | Reason | None = None
             for finder in finders:
                 try:
                     norm = finder(node, g, opset)
@@ -224,18 +224,19 @@ def fuse_graph(
             if isinstance(norm, str):
                 refused[label] = refusal(label, norm, kind=kind, scope=scope)
                 continue
-            fold, reason, rule = _try_fold(norm, g, backward, forward, scope)
-            if fold is not None:
-                result.folds.append(fold)
-                removed.update(id(n) for n in norm.nodes)
-                dead.update(norm.params)
-                if CHECK_INDEX:
-                    mismatch = g.index_matches()
-                    if mismatch:
-                        raise FusionInvariantError(mismatch, fold=fold.bn, scope=scope)
-                progressed = True
+            fold = _try_fold(norm, g, backward, forward, scope)
+            if isinstance(fold, tuple):
+                reason, rule = fold
+                refused[label] = refusal(label, reason, kind=norm.kind, rule=rule, scope=scope)
                 continue
-            refused[label] = refusal(label, reason, kind=norm.kind, rule=rule, scope=scope)
+            result.folds.append(fold)
+            removed.update(id(n) for n in norm.nodes)
+            dead.update(norm.params)
+            if CHECK_INDEX:
+                mismatch = g.index_matches()
+                if mismatch:
+                    raise FusionInvariantError(mismatch, fold=fold.bn, scope=scope)
+            progressed = True
         return progressed
 
     sweep(one_pass)
@@ -255,30 +256,33 @@ CHECK_INDEX = False
 READ_ERRORS = (MalformedNodeError, ValueError, TypeError, IndexError, KeyError)
 
 
-def _unreadable(exc: Exception) -> str:
+def _unreadable(exc: Exception) -> Reason:
     text = first_line(exc, 200)
     if isinstance(exc, MalformedNodeError):
-        return f"malformed node: {text}"
-    return f"cannot read the graph around this node ({type(exc).__name__}: {text})"
+        return tagged("unsupported-layer", f"malformed node: {text}")
+    return tagged(
+        "unsupported-layer",
+        f"cannot read the graph around this node ({type(exc).__name__}: {text})",
+    )
 
 
 def _held(label: str, kind: str, options: FuseOptions, scope: str) -> Refusal | None:
     """The refusal of a normalization the caller keeps (``exclude`` or ``keep``), or None."""
     if label in options.exclude:
-        return refusal(label, EXCLUDED, kind=kind, scope=scope, code="excluded")
+        return refusal(label, EXCLUDED, kind=kind, scope=scope)
     scoped = f"{scope}/{label}" if scope else ""
     pattern = kept_by((label, scoped), options.keep) if options.keep else None
     if pattern is not None:
-        return refusal(label, kept_reason(pattern), kind=kind, scope=scope, code=KEPT_CODE)
+        return refusal(label, kept_reason(pattern), kind=kind, scope=scope)
     return None
 
 
 def _try_fold(
     norm: Norm, g: Graph, backward: list[BackwardRule], forward: list[ForwardRule], scope: str
-) -> tuple[Fold | None, str, str]:
+) -> Fold | tuple[Reason, str]:
     """Fold ``norm``: backward into its producer first, else forward into its consumers
     (the one order of every backend, :func:`bnfuse.driver.fold_norm`). Returns the fold,
-    or None with the reason and rule of the first refusal."""
+    or the reason and rule of the first refusal."""
     prod = g.producer.get(norm.input)
     attempts = fold_norm(
         lambda: _try_backward(norm, g, backward, scope),
@@ -287,23 +291,25 @@ def _try_fold(
     )
     last = attempts[-1]
     if isinstance(last, Fold):
-        return last, "", last.rule
+        return last
     reasons = [a for a in attempts if isinstance(a, tuple)]
     if reasons:
         rule_name, reason = reasons[0]
-        return None, reason, rule_name
+        return reason, rule_name
     before = f"{prod.op_type}" if prod is not None else "a graph input"
     return (
-        None,
-        f"no linear layer to fold into: produced by {before}, "
-        "and not followed only by Conv/Gemm/MatMul",
+        tagged(
+            "no-partner",
+            f"no linear layer to fold into: produced by {before}, "
+            "and not followed only by Conv/Gemm/MatMul",
+        ),
         "",
     )
 
 
 def _try_backward(
     norm: Norm, g: Graph, backward: list[BackwardRule], scope: str
-) -> Fold | tuple[str, str] | None:
+) -> Fold | tuple[str, Reason] | None:
     """Fold ``norm`` into its producer: the fold, or (rule, reason) of the one rule that
     matched, or None when none matched (or a graph input produces it)."""
     prod = g.producer.get(norm.input)
@@ -337,7 +343,7 @@ def _try_backward(
 
 def _forward_match(
     norm: Norm, c: onnx.NodeProto, g: Graph, forward: list[ForwardRule]
-) -> tuple[ForwardRule | None, ForwardMatch | str | None]:
+) -> tuple[ForwardRule | None, ForwardMatch | Reason | None]:
     """The first forward rule that matches consumer ``c``, and its match or refusal."""
     for rule in forward:
         try:
@@ -352,7 +358,7 @@ def _forward_match(
 
 def _try_forward(
     norm: Norm, g: Graph, forward: list[ForwardRule], scope: str
-) -> Fold | tuple[str, str] | None:
+) -> Fold | tuple[str, Reason] | None:
     """Fold ``norm`` into every consumer of its output, or into none: every consumer
     must match a rule and pass its check; all are prepared (every value computed and
     rounded) before any is written, so an overflow in one leaves the graph unchanged."""
@@ -365,12 +371,21 @@ def _try_forward(
         if rule is None or found is None:
             if len(consumers) == 1:
                 return None
-            return ("", f"output also feeds {c.op_type} {node_label(c)!r}, which cannot absorb it")
+            return (
+                "",
+                tagged(
+                    "shared-output",
+                    f"output also feeds {c.op_type} {node_label(c)!r}, which cannot absorb it",
+                ),
+            )
         if isinstance(found, str):
             return (rule.name, found)
         targets.append((rule, found))
     if norm.output in g.output_names:
-        return (targets[0][0].name, f"{norm.kind} output is a graph output")
+        return (
+            targets[0][0].name,
+            tagged("shared-output", f"{norm.kind} output is a graph output"),
+        )
     current = targets[0][1]  # the target being prepared, named by an overflow
     writes: list[Write] = []
     try:

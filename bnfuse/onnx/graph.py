@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from bnfuse.fold import Scaled, round_to
 from bnfuse.onnx.constants import Computed, computable, computed_reason
 from bnfuse.onnx.storage import DATA_FIELDS, INLINE_LIMIT, Payloads, is_placeholder, raw_dtype
+from bnfuse.reasons import Reason, tagged
 
 __all__ = [
     "Graph",
@@ -190,23 +191,24 @@ class Graph:
             return None
         return cons[0]
 
-    def intermediate_reason(self, name: str, what: str) -> str | None:
+    def intermediate_reason(self, name: str, what: str) -> Reason | None:
         """Why the tensor between two nodes cannot disappear, or None."""
         if name in self.output_names:
-            return f"{what} output {name!r} is a graph output"
+            return tagged("shared-output", f"{what} output {name!r} is a graph output")
         if self.uses(name) > 1:
-            return f"{what} output {name!r} has other consumers"
+            return tagged("shared-output", f"{what} output {name!r} has other consumers")
         return None
 
-    def const_reason(self, name: str) -> str | None:
+    def const_reason(self, name: str) -> Reason | None:
         """None when ``name`` is a constant (initializer or Constant node), else why not."""
         if name == "":
-            return "missing input"
+            return tagged("not-constant", "missing input")
         if name in self.inits:
             if name in self.input_names and not self.treat_initializer_inputs_as_constants:
-                return (
+                return tagged(
+                    "not-constant",
                     f"{name!r} is an initializer also listed as a graph input (overridable); "
-                    "pass --treat-initializer-inputs-as-constants if it is fixed"
+                    "pass --treat-initializer-inputs-as-constants if it is fixed",
                 )
             return None
         prod = self.producer.get(name)
@@ -218,14 +220,16 @@ class Graph:
             ):
                 return None
             if prod.op_type == "Constant":
-                return f"{name!r} is computed by a {prod.op_type} node, not a constant"
+                return tagged(
+                    "not-constant", f"{name!r} is computed by a {prod.op_type} node, not a constant"
+                )
             return computed_reason(self, name)  # a subgraph of constants, or why not
         if name in self.input_names:
             where = "function input" if self.function else "graph input"
-            return f"{name!r} is a {where}, not a constant"
+            return tagged("not-constant", f"{name!r} is a {where}, not a constant")
         if self.outer is not None:
             return self.outer.const_reason(name)
-        return f"{name!r} is not defined"
+        return tagged("not-constant", f"{name!r} is not defined")
 
     def stored_weight(self, name: str) -> bool:
         """True for a stored tensor: a constant, or an initializer also listed as an input.

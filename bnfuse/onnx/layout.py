@@ -36,6 +36,7 @@ from bnfuse.onnx.forward import FORWARD_RULES, ForwardRule
 from bnfuse.onnx.graph import Graph, attr, node_label
 from bnfuse.onnx.norm import Norm
 from bnfuse.onnx.rulebase import BackwardMatch, ForwardMatch, Write
+from bnfuse.reasons import Reason, tagged
 
 __all__ = [
     "LAYOUT_BACKWARD_RULES",
@@ -64,7 +65,7 @@ def is_layout(node: onnx.NodeProto | None) -> bool:
     )
 
 
-def _ints(g: Graph, node: onnx.NodeProto, name: str, slot: int) -> list[int] | str | None:
+def _ints(g: Graph, node: onnx.NodeProto, name: str, slot: int) -> list[int] | Reason | None:
     """An int list given as attribute ``name`` (older opsets) or constant input ``slot``."""
     value = attr(node, name, None)
     if value is not None:
@@ -72,7 +73,7 @@ def _ints(g: Graph, node: onnx.NodeProto, name: str, slot: int) -> list[int] | s
     if slot < len(node.input) and node.input[slot]:
         reason = g.const_reason(node.input[slot])
         if reason:
-            return f"{node.op_type} {name} {reason}"
+            return reason.reworded(f"{node.op_type} {name} {reason}")
         return [int(v) for v in g.const(node.input[slot]).reshape(-1)]
     return None
 
@@ -91,21 +92,24 @@ def _rank(g: Graph, name: str) -> int | None:
     return r
 
 
-def _pairs(g: Graph, node: onnx.NodeProto) -> dict[int, int] | str:
+def _pairs(g: Graph, node: onnx.NodeProto) -> dict[int, int] | Reason:
     """Output axis -> input axis for every axis ``node`` carries (see the module doc)."""
     op, x = node.op_type, node.input[0]
     label = f"{op} {node_label(node)!r}"
     if op == "Identity":
         r = _rank(g, x)
         if r is None:
-            return f"cannot prove the rank of the {label} input"
+            return tagged("axis-mismatch", f"cannot prove the rank of the {label} input")
         return {j: j for j in range(r)}
     if op == "Transpose":
         perm = attr(node, "perm", None)
         if perm is None:
             r = _rank(g, x)
             if r is None:
-                return f"cannot prove the rank of the {label} input (Transpose without perm)"
+                return tagged(
+                    "axis-mismatch",
+                    f"cannot prove the rank of the {label} input (Transpose without perm)",
+                )
             perm = list(reversed(range(r)))
         return {j: int(p) for j, p in enumerate(perm)}
     if op in ("Squeeze", "Unsqueeze"):
@@ -117,16 +121,19 @@ def _pairs(g: Graph, node: onnx.NodeProto) -> dict[int, int] | str:
             if axes is None:
                 shape = _static(g.shapes.get(x))
                 if shape is None:
-                    return f"cannot prove which axes {label} removes (input shape not static)"
+                    return tagged(
+                        "axis-mismatch",
+                        f"cannot prove which axes {label} removes (input shape not static)",
+                    )
                 axes = [i for i, d in enumerate(shape) if d == 1]
                 r_in = len(shape)
             if r_in is None:
-                return f"cannot prove the rank of the {label} input"
+                return tagged("axis-mismatch", f"cannot prove the rank of the {label} input")
             gone = {a + r_in if a < 0 else a for a in axes}
             kept = [i for i in range(r_in) if i not in gone]
             return dict(enumerate(kept))
         if axes is None or r_in is None:
-            return f"cannot prove the axes {label} adds"
+            return tagged("axis-mismatch", f"cannot prove the axes {label} adds")
         r_out = r_in + len(axes)
         new = {a + r_out if a < 0 else a for a in axes}
         old = [j for j in range(r_out) if j not in new]
@@ -134,11 +141,11 @@ def _pairs(g: Graph, node: onnx.NodeProto) -> dict[int, int] | str:
     return _reshape_pairs(g, node, label)
 
 
-def _reshape_pairs(g: Graph, node: onnx.NodeProto, label: str) -> dict[int, int] | str:
+def _reshape_pairs(g: Graph, node: onnx.NodeProto, label: str) -> dict[int, int] | Reason:
     x, y = node.input[0], node.output[0]
     sin, sout = g.shapes.get(x), g.shapes.get(y)
     if sin is None or sout is None:
-        return f"cannot prove the shapes around {label}"
+        return tagged("axis-mismatch", f"cannot prove the shapes around {label}")
     pairs: dict[int, int] = {}
     for j, dj in enumerate(sout):
         if not isinstance(dj, int) or dj == 1:
@@ -154,7 +161,7 @@ def _reshape_pairs(g: Graph, node: onnx.NodeProto, label: str) -> dict[int, int]
     return pairs
 
 
-def map_axis(g: Graph, node: onnx.NodeProto, axis: int, forward: bool) -> int | str:
+def map_axis(g: Graph, node: onnx.NodeProto, axis: int, forward: bool) -> int | Reason:
     """The axis on the other side of layout op ``node``: input -> output when ``forward``,
     else output -> input; a reason when the op does not carry ``axis`` onto one axis."""
     pairs = _pairs(g, node)
@@ -167,19 +174,21 @@ def map_axis(g: Graph, node: onnx.NodeProto, axis: int, forward: bool) -> int | 
         found = pairs.get(axis)
     if found is None:
         side = "input" if forward else "output"
-        return (
+        return tagged(
+            "axis-mismatch",
             f"{node.op_type} {node_label(node)!r} does not keep axis {axis} of its {side} "
-            "as one axis: cannot prove where the channels go"
+            "as one axis: cannot prove where the channels go",
         )
     return found
 
 
-def _restate(norm: Norm, chain: list[onnx.NodeProto], g: Graph, forward: bool) -> Norm | str:
+def _restate(norm: Norm, chain: list[onnx.NodeProto], g: Graph, forward: bool) -> Norm | Reason:
     """``norm`` moved across ``chain`` (in walking order), acting on the far tensor."""
     if norm.elem_shape is not None:
-        return (
+        return tagged(
+            "axis-mismatch",
             f"{norm.kind} constant varies along several axes: it does not move through "
-            f"{chain[0].op_type}"
+            f"{chain[0].op_type}",
         )
     far = chain[-1].output[0] if forward else chain[-1].input[0]
     axis = norm.axis
@@ -216,7 +225,7 @@ class LayoutMatch(BackwardMatch):
     chain: list[onnx.NodeProto] = field(default_factory=list)  # from the norm upward
     inner_rule: BackwardRule | None = None
     inner: BackwardMatch | None = None
-    moved: Norm | str | None = None
+    moved: Norm | Reason | None = None
 
 
 class LayoutBN(BackwardRule):
@@ -245,10 +254,10 @@ class LayoutBN(BackwardRule):
                 )
         return None
 
-    def check(self, m: BackwardMatch, g: Graph) -> str | None:
+    def check(self, m: BackwardMatch, g: Graph) -> Reason | None:
         lm = _layout_match(m)
         if lm.moved is None or isinstance(lm.moved, str):
-            return lm.moved or "layout-bn: the normalization was not restated"
+            return lm.moved or tagged("other", "layout-bn: the normalization was not restated")
         for node in lm.chain:
             reason = g.intermediate_reason(node.output[0], node.op_type)
             if reason:
@@ -294,7 +303,7 @@ def _inner(lm: LayoutMatch) -> tuple[BackwardMatch, BackwardRule]:
 
 @dataclass
 class LayoutForwardMatch(ForwardMatch):
-    moved: Norm | str | None = None  # the norm restated on the layer's side, or why not
+    moved: Norm | Reason | None = None  # the norm restated on the layer's side, or why not
     inner_rule: ForwardRule | None = None
     inner: ForwardMatch | None = None
 
@@ -329,7 +338,7 @@ class LayoutForward(ForwardRule):
                 )
         return None
 
-    def check(self, m: ForwardMatch, g: Graph) -> str | None:
+    def check(self, m: ForwardMatch, g: Graph) -> Reason | None:
         lm = _forward_match(m)
         if isinstance(lm.moved, str):
             return lm.moved

@@ -11,6 +11,7 @@ import onnx
 
 from bnfuse.fold import Affine, checked_bn_affine
 from bnfuse.onnx.graph import Graph, attr, node_label
+from bnfuse.reasons import Reason, tagged
 
 __all__ = ["ELEMENTWISE", "Norm", "bn_norm"]
 
@@ -50,17 +51,18 @@ class Norm:
     def verb(self) -> str:
         return "normalizes" if self.kind == "BatchNormalization" else "acts on"
 
-    def elementwise_reason(self) -> str | None:
+    def elementwise_reason(self) -> Reason | None:
         """Why an element-wise affine cannot fold here (None for per-channel ones)."""
         if self.elem_shape is None:
             return None
-        return (
+        return tagged(
+            "axis-mismatch",
             f"{self.kind} constant varies along several axes of its input "
             f"(shape {list(self.elem_shape)}): not a per-channel affine "
-            "(only a Flatten into Gemm/MatMul can take it)"
+            "(only a Flatten into Gemm/MatMul can take it)",
         )
 
-    def channel_axis_reason(self, what: str) -> str | None:
+    def channel_axis_reason(self, what: str) -> Reason | None:
         """None when the affine acts on axis 1 (the NCHW channel / Gemm N axis)."""
         if self.elem_shape is not None:
             return self.elementwise_reason()
@@ -68,47 +70,56 @@ class Norm:
             return None
         where = f"a rank-{self.rank} {what}" if self.rank is not None else f"the {what}"
         last = " (the last axis)" if self.rank is not None and self.axis == self.rank - 1 else ""
-        return f"{self.kind} {self.verb} axis {self.axis}{last} of {where}, not its channel axis 1"
+        return tagged(
+            "axis-mismatch",
+            f"{self.kind} {self.verb} axis {self.axis}{last} of {where}, not its channel axis 1",
+        )
 
-    def last_axis_reason(self, what: str, uses: str) -> str | None:
+    def last_axis_reason(self, what: str, uses: str) -> Reason | None:
         """None when the affine acts on the last axis of its tensor (or is a scalar)."""
         if self.elem_shape is not None:
             return self.elementwise_reason()
         if self.axis is None:
             return None
         if self.rank is None:
-            return f"cannot prove the {what} rank (no shape information)"
+            return tagged("axis-mismatch", f"cannot prove the {what} rank (no shape information)")
         if self.axis != self.rank - 1:
-            return (
-                f"{self.kind} {self.verb} axis {self.axis} of a rank-{self.rank} {what}, but {uses}"
+            return tagged(
+                "axis-mismatch",
+                f"{self.kind} {self.verb} axis {self.axis} of a rank-{self.rank} {what}, but {uses}",
             )
         return None
 
 
-def bn_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | str:
+def bn_norm(node: onnx.NodeProto, g: Graph, opset: int) -> Norm | Reason:
     """The affine of a BatchNormalization node, or why it cannot be folded at all."""
     if len(node.input) < 5:
-        return "malformed BatchNormalization (fewer than 5 inputs)"
+        return tagged("unsupported-layer", "malformed BatchNormalization (fewer than 5 inputs)")
     extra = [o for o in node.output[1:] if o]
     if extra:
-        return "BatchNormalization training outputs (running mean/var) are used"
+        return tagged(
+            "training-mode", "BatchNormalization training outputs (running mean/var) are used"
+        )
     if attr(node, "training_mode", 0):
-        return "BatchNormalization is in training mode (training_mode=1)"
+        return tagged("training-mode", "BatchNormalization is in training mode (training_mode=1)")
     if opset < 7 and attr(node, "is_test", 0) == 0:
-        return "BatchNormalization is in training mode (is_test=0)"
+        return tagged("training-mode", "BatchNormalization is in training mode (is_test=0)")
     for p in node.input[1:5]:
         reason = g.const_reason(p)
         if reason:
-            return f"BN parameter {reason}"
+            return reason.reworded(f"BN parameter {reason}")
     scale, bias, mean, var = (g.const(p).astype(np.float64) for p in node.input[1:5])
     eps = float(attr(node, "epsilon", 1e-5))
     if opset < 9 and attr(node, "spatial", 1) == 0 and mean.ndim > 1:
-        return "BatchNormalization with spatial=0 normalizes every element, not per channel"
+        return tagged(
+            "axis-mismatch",
+            "BatchNormalization with spatial=0 normalizes every element, not per channel",
+        )
     if not all(a.ndim <= 1 for a in (scale, bias, mean, var)):
-        return "BN parameters are not per-channel vectors"
+        return tagged("axis-mismatch", "BN parameters are not per-channel vectors")
     n = mean.size
     if not all(a.size == n for a in (scale, bias, var)):
-        return "BN parameters have different lengths"
+        return tagged("axis-mismatch", "BN parameters have different lengths")
     aff = checked_bn_affine(mean, var, eps, scale, bias)
     if isinstance(aff, str):
         return aff

@@ -5,8 +5,8 @@ A rule is a named object (``name``, ``direction``, ``doc``) with
 * ``match(norm, node, g)``: the pattern. ``node`` is the normalization's neighbour on
   the rule's side (its producer for a backward rule, one of its consumers for a forward
   one); returns a match (the nodes involved) or None when the rule does not apply;
-* ``check(m, g)``: None, or why the fold is refused (a sentence, tagged with its code by
-  :mod:`bnfuse.reasons` where the planning core made it);
+* ``check(m, g)``: None, or why the fold is refused (a :class:`~bnfuse.reasons.Reason`:
+  the sentence with its code, given where the sentence is written);
 * ``prepare(m, g)``: gathers the arrays, asks the planning core (:mod:`bnfuse.plan`) for
   the plan, computes and rounds every new value (an overflow raises
   :class:`OverflowError` here, before anything is written) and returns the write step,
@@ -31,7 +31,7 @@ from bnfuse.errors import FusionInvariantError
 from bnfuse.onnx.graph import FLOAT_TYPES, Graph, MalformedNodeError, attr, node_label
 from bnfuse.onnx.norm import Norm
 from bnfuse.plan import BackwardPlan, ForwardPlan, Layout
-from bnfuse.reasons import Reason
+from bnfuse.reasons import Reason, tagged
 from bnfuse.result import Direction
 
 __all__ = [
@@ -73,7 +73,7 @@ class Rule(Generic[M]):
     def match(self, norm: Norm, node: onnx.NodeProto, g: Graph) -> M | None:
         raise NotImplementedError
 
-    def check(self, m: M, g: Graph) -> str | None:
+    def check(self, m: M, g: Graph) -> Reason | None:
         raise NotImplementedError
 
     def prepare(self, m: M, g: Graph) -> Write:
@@ -123,26 +123,26 @@ class ForwardMatch:
 # ---------------------------------------------------------------------------------------
 
 
-def weight_reason(g: Graph, node: onnx.NodeProto, slot: int, what: str = "weight") -> str | None:
+def weight_reason(g: Graph, node: onnx.NodeProto, slot: int, what: str = "weight") -> Reason | None:
     """Why ``node``'s input ``slot`` is no usable constant weight (None when it is)."""
     if slot >= len(node.input) or not node.input[slot]:
-        return f"{node.op_type} has no {what}"
+        return tagged("unsupported-layer", f"{node.op_type} has no {what}")
     reason = g.const_reason(node.input[slot])
-    return f"{node.op_type} {what} {reason}" if reason else None
+    return reason.reworded(f"{node.op_type} {what} {reason}") if reason else None
 
 
-def float_weight_reason(g: Graph, name: str) -> str | None:
+def float_weight_reason(g: Graph, name: str) -> Reason | None:
     if g.const_dtype(name) not in FLOAT_TYPES:
-        return f"weight {name!r} is not a floating-point tensor"
+        return tagged("dtype", f"weight {name!r} is not a floating-point tensor")
     return None
 
 
-def optional_const_reason(g: Graph, node: onnx.NodeProto, slot: int) -> str | None:
+def optional_const_reason(g: Graph, node: onnx.NodeProto, slot: int) -> Reason | None:
     """Why an optional bias input is given but not constant (None when absent or constant)."""
     if slot < len(node.input) and node.input[slot]:
         reason = g.const_reason(node.input[slot])
         if reason:
-            return f"{node.op_type} bias {reason}"
+            return reason.reworded(f"{node.op_type} bias {reason}")
     return None
 
 
@@ -164,12 +164,13 @@ def dtype_of(g: Graph, name: str) -> np.dtype[Any]:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(g.const_dtype(name)))
 
 
-def ref_attr_reason(node: onnx.NodeProto) -> str | None:
+def ref_attr_reason(node: onnx.NodeProto) -> Reason | None:
     refs = [a.name for a in node.attribute if a.ref_attr_name]
     if refs:
-        return (
+        return tagged(
+            "unsupported-layer",
             f"{node.op_type} {node_label(node)!r} takes attribute(s) {', '.join(refs)} "
-            "from the enclosing function's call site"
+            "from the enclosing function's call site",
         )
     return None
 
