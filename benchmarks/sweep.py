@@ -404,8 +404,8 @@ def cases() -> list[Case]:
     for name in K3_ONNX:
         n = f"k3onnx-{name}"
         add(n, "keras3 export onnx", keras3_onnx_case(n, _k3_app(*_spec(name))))
-    for name, make in HAND_BUILT.items():
-        add(f"onnx-{name}", "hand-built onnx", hand_case(f"onnx-{name}", make), True)
+    for name, hand in HAND_BUILT.items():
+        add(f"onnx-{name}", "hand-built onnx", hand_case(f"onnx-{name}", hand), True)
     return out
 
 
@@ -549,12 +549,17 @@ def summary(rows: list[Row]) -> str:
             f"{bns} | {err} | {r.build_s:.1f} | {r.cli_s:.1f} |"
         )
     kinds: dict[str, int] = {}
+    where: dict[str, list[str]] = {}
     for r in rows:
         for k, n in r.refusal_kinds.items():
             kinds[k] = kinds.get(k, 0) + n
+            where.setdefault(k, []).append(r.name)
     if kinds:
-        out += ["", "| refusal reason (names elided) | count |", "|---|---|"]
-        out += [f"| {k} | {n} |" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])]
+        out += ["", "| refusal reason (names elided) | count | cases |", "|---|---|---|"]
+        out += [
+            f"| {k} | {n} | {', '.join(where[k])} |"
+            for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])
+        ]
     return "\n".join(out)
 
 
@@ -564,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated prefixes of case names")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--markdown", type=Path, help="also write the summary table here")
+    ap.add_argument("--keep", type=Path, help="build the models and reports in this directory")
     args = ap.parse_args(argv)
     todo = cases()
     if args.quick:
@@ -579,8 +585,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bnfuse-sweep-") as tmp:
+        work = Path(tmp) if args.keep is None else args.keep
+        work.mkdir(parents=True, exist_ok=True)
         for case in todo:
-            row = run_case(case, Path(tmp))
+            row = run_case(case, work)
             rows.append(row)
             print(line(row), flush=True)
     table = summary(rows)

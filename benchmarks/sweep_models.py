@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -57,13 +58,13 @@ class G:
         )
         return name
 
-    def node(self, op: str, ins: list[str], **attrs: object) -> str:
+    def node(self, op: str, ins: list[str], **attrs: Any) -> str:
         self.n += 1
         out = f"{self.p}{op.lower()}_{self.n}"
         self.nodes.append(helper.make_node(op, ins, [out], name=f"{self.p}{op}_{self.n}", **attrs))
         return out
 
-    def bn(self, x: str, c: int, **attrs: object) -> str:
+    def bn(self, x: str, c: int, **attrs: Any) -> str:
         k = self.n + 1
         r = self.r
         vals = {
@@ -79,13 +80,15 @@ class G:
             names.append(name)
         return self.node("BatchNormalization", [x, *names], epsilon=1e-3, **attrs)
 
-    def graph(self, name: str, x_shape: list[object], y: str, elem: int = F) -> onnx.GraphProto:
+    def graph(
+        self, name: str, x_shape: list[str | int | None], y: str, elem: int = F
+    ) -> onnx.GraphProto:
         x = helper.make_tensor_value_info("x", elem, x_shape)
         out = helper.make_tensor_value_info(y, elem, None)
         return helper.make_graph(self.nodes, name, [x], [out], self.inits)
 
     def model(
-        self, name: str, x_shape: list[object], y: str, opset: int = 17, elem: int = F
+        self, name: str, x_shape: list[str | int | None], y: str, opset: int = 17, elem: int = F
     ) -> onnx.ModelProto:
         m = helper.make_model(
             self.graph(name, x_shape, y, elem), opset_imports=[helper.make_opsetid("", opset)]
@@ -109,7 +112,7 @@ def _bn_opset(opset: int) -> Callable[[], onnx.ModelProto]:
     def make() -> onnx.ModelProto:
         g = G(opset)
         h = g.node("Conv", ["x", g.w("cw", (6, 3, 3, 3)), g.w("cb", (6,))])
-        attrs: dict[str, object] = {"spatial": 1} if opset == 7 else {}
+        attrs: dict[str, Any] = {"spatial": 1} if opset == 7 else {}
         y = g.bn(h, 6, **attrs)
         return g.model(f"bn_opset{opset}", ["N", 3, 8, 8], y, opset=opset)
 
