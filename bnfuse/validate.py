@@ -76,6 +76,17 @@ def coarsest_float(names: Iterable[str]) -> str | None:
     return max(known, key=lambda n: DEFAULT_TOLERANCES[n][0], default=None)
 
 
+def _tolerance(dt: np.dtype[Any], max_ref: float, compute_dtype: str | None) -> tuple[float, float]:
+    """The default tolerance of an output of ``dt``, or of ``compute_dtype`` when the model
+    computes in that coarser float type."""
+    rtol, atol = default_tolerance(dt, max_ref)
+    if compute_dtype is not None and compute_dtype in DEFAULT_TOLERANCES and is_float_dtype(dt):
+        c_rtol, c_base = DEFAULT_TOLERANCES[compute_dtype]
+        if c_rtol > rtol:
+            return c_rtol, c_base * max(1.0, max_ref)
+    return rtol, atol
+
+
 def _f64(arr: np.ndarray) -> F64:
     if np.dtype(arr.dtype).kind == "c":
         raise UsageError("bnfuse cannot validate complex-valued outputs")
@@ -154,11 +165,7 @@ def output_metrics(
     r64 = np.concatenate([_f64(r).reshape(-1) for r in ref])
     finite_ref = r64[np.isfinite(r64)]
     max_ref = float(np.max(np.abs(finite_ref))) if finite_ref.size else 0.0
-    d_rtol, d_atol = default_tolerance(ref_dt, max_ref)
-    if compute_dtype is not None and compute_dtype in DEFAULT_TOLERANCES and is_float_dtype(ref_dt):
-        c_rtol, c_base = DEFAULT_TOLERANCES[compute_dtype]
-        if c_rtol > d_rtol:
-            d_rtol, d_atol = c_rtol, c_base * max(1.0, max_ref)
+    d_rtol, d_atol = _tolerance(ref_dt, max_ref, compute_dtype)
     use_rtol = d_rtol if rtol is None else float(rtol)
     use_atol = d_atol if atol is None else float(atol)
 
