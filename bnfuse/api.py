@@ -109,6 +109,7 @@ class _Recorded:
         self._inputs = list(runner.inputs)
         self._names = list(runner.output_names)
         self.runtime = str(getattr(runner, "runtime", "unknown"))
+        self.compute_dtype: str | None = getattr(runner, "compute_dtype", None)
         self._outs = {id(f): run_side(runner, f, fused=False) for f in feeds}
 
     @property

@@ -8,14 +8,17 @@ Outputs are matched by position. An element passes when
 
 computed in float64; identical non-finite values (NaN and NaN, +inf and +inf) pass, any
 other non-finite value on either side fails. Default tolerances depend on the reference
-output's dtype (see :data:`DEFAULT_TOLERANCES`); ``atol`` is scaled by
+output's dtype (see :data:`DEFAULT_TOLERANCES`), or on the coarser float type the model
+computes in when its runner names one (``compute_dtype``: a float32 output of float16
+arithmetic, as mixed precision and float16 conversions that keep float32 inputs and outputs
+write, carries float16's rounding on both sides); ``atol`` is scaled by
 ``max(1, max|ref|)`` over every sample of that output, so a logit layer in the hundreds is
 not judged like a softmax. A user-given ``rtol``/``atol`` is used as is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +35,13 @@ from bnfuse.errors import (
 from bnfuse.inputs import is_float_dtype
 from bnfuse.result import OutputMetrics, Validation
 
-__all__ = ["DEFAULT_TOLERANCES", "compare", "default_tolerance", "output_metrics"]
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "coarsest_float",
+    "compare",
+    "default_tolerance",
+    "output_metrics",
+]
 
 F64 = NDArray[np.float64]
 
@@ -57,6 +66,25 @@ def default_tolerance(dtype: np.dtype[Any], max_abs_ref: float) -> tuple[float, 
     if dt.name not in DEFAULT_TOLERANCES and dt.kind == "f" and dt.itemsize >= 8:
         rtol, base = DEFAULT_TOLERANCES["float64"]  # longdouble
     return rtol, base * max(1.0, float(max_abs_ref))
+
+
+def coarsest_float(names: Iterable[str]) -> str | None:
+    """The dtype name among ``names`` with the loosest default tolerance (``None`` when
+    none is a float type of :data:`DEFAULT_TOLERANCES`): what a runner reports as its
+    model's ``compute_dtype``."""
+    known = [n for n in set(names) if n in DEFAULT_TOLERANCES]
+    return max(known, key=lambda n: DEFAULT_TOLERANCES[n][0], default=None)
+
+
+def _tolerance(dt: np.dtype[Any], max_ref: float, compute_dtype: str | None) -> tuple[float, float]:
+    """The default tolerance of an output of ``dt``, or of ``compute_dtype`` when the model
+    computes in that coarser float type."""
+    rtol, atol = default_tolerance(dt, max_ref)
+    if compute_dtype is not None and compute_dtype in DEFAULT_TOLERANCES and is_float_dtype(dt):
+        c_rtol, c_base = DEFAULT_TOLERANCES[compute_dtype]
+        if c_rtol > rtol:
+            return c_rtol, c_base * max(1.0, max_ref)
+    return rtol, atol
 
 
 def _f64(arr: np.ndarray) -> F64:
@@ -127,14 +155,17 @@ def output_metrics(
     rtol: float | None,
     atol: float | None,
     fused_name: str = "",
+    compute_dtype: str | None = None,
 ) -> OutputMetrics:
-    """Metrics of one output over all samples (``ref[i]`` and ``fused[i]`` from run ``i``)."""
+    """Metrics of one output over all samples (``ref[i]`` and ``fused[i]`` from run ``i``);
+    ``compute_dtype`` (a :data:`DEFAULT_TOLERANCES` name) loosens the default tolerance of a
+    float output to that type's when it is coarser than the output's own."""
     ref_dt = np.dtype(ref[0].dtype)
     shape = tuple(int(d) for d in np.shape(ref[0]))
     r64 = np.concatenate([_f64(r).reshape(-1) for r in ref])
     finite_ref = r64[np.isfinite(r64)]
     max_ref = float(np.max(np.abs(finite_ref))) if finite_ref.size else 0.0
-    d_rtol, d_atol = default_tolerance(ref_dt, max_ref)
+    d_rtol, d_atol = _tolerance(ref_dt, max_ref, compute_dtype)
     use_rtol = d_rtol if rtol is None else float(rtol)
     use_atol = d_atol if atol is None else float(atol)
 
@@ -297,6 +328,7 @@ def compare(
             rtol=rtol,
             atol=atol,
             fused_name=fused_names[k] if fused_names[k] != name else "",
+            compute_dtype=getattr(ref, "compute_dtype", None),
         )
         for k, name in enumerate(ref_names)
     )

@@ -16,7 +16,7 @@ from bnfuse.api import bisect_culprits
 from bnfuse.backend import InputSpec
 from bnfuse.errors import FusionInvariantError, UnsupportedModelError, UsageError
 from bnfuse.result import Fold
-from bnfuse.validate import compare, default_tolerance, output_metrics
+from bnfuse.validate import coarsest_float, compare, default_tolerance, output_metrics
 
 Fn = Callable[[Mapping[str, np.ndarray]], list[np.ndarray]]
 
@@ -383,3 +383,42 @@ def test_bisect_no_culprit_when_all_pass() -> None:
 def test_bisect_respects_limit() -> None:
     found = bisect_culprits(folds(8), oracle({f"bn{i}" for i in range(8)}), limit=3)
     assert len(found) == 3
+
+
+# ------------------------------------------------------------------ compute dtype
+
+
+def test_compute_dtype_loosens_float_outputs_to_the_coarser_type() -> None:
+    ref = np.linspace(-3, 3, 12).astype(np.float32)
+    fused = (ref * np.float32(1 + 3e-3)).astype(np.float32)  # float16-sized rounding
+    assert not output_metrics("y", [ref], [fused], rtol=None, atol=None).passed
+    o = output_metrics("y", [ref], [fused], rtol=None, atol=None, compute_dtype="float16")
+    assert o.passed and (o.rtol, o.atol) == pytest.approx((1e-2, 1e-3 * 3))
+    # a finer compute type never tightens, a user tolerance still wins, ints stay exact
+    tight = output_metrics("y", [ref], [fused], rtol=None, atol=None, compute_dtype="float64")
+    assert not tight.passed and tight.rtol == 1e-4
+    user = output_metrics("y", [ref], [fused], rtol=1e-5, atol=0.0, compute_dtype="float16")
+    assert not user.passed
+    ints = np.array([1, 2, 3], np.int64)
+    assert not output_metrics(
+        "y", [ints], [ints + 1], rtol=None, atol=None, compute_dtype="float16"
+    ).passed
+
+
+def test_compare_takes_the_reference_runners_compute_dtype() -> None:
+    def noisy(f: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return [(linear(f)[0] * np.float32(1 + 3e-3)).astype(np.float32)]
+
+    plain = FakeRunner(linear)
+    half = FakeRunner(linear)
+    half.compute_dtype = "float16"  # type: ignore[attr-defined]
+    kw: dict[str, Any] = {"rtol": None, "atol": None, "input_source": "t"}
+    assert not compare(plain, FakeRunner(noisy), feeds(), **kw).passed
+    assert compare(half, FakeRunner(noisy), feeds(), **kw).passed
+
+
+def test_coarsest_float() -> None:
+    assert coarsest_float(["float32", "float16", "int64"]) == "float16"
+    assert coarsest_float(["float32", "bfloat16", "float16"]) == "bfloat16"
+    assert coarsest_float(["float64", "float32"]) == "float32"
+    assert coarsest_float(["int8", "None"]) is None

@@ -52,6 +52,13 @@ def _to_numpy_of(model: Any) -> Any:
     return to_numpy
 
 
+def _coarsest_compute_dtype(model: Any) -> str | None:
+    from bnfuse.validate import coarsest_float
+
+    layers = model._flatten_layers(include_self=False)
+    return coarsest_float(str(getattr(layer, "compute_dtype", None)) for layer in layers)
+
+
 class KerasRunner:
     """``model(x, training=False)`` on the given feeds; outputs in ``model.outputs`` order."""
 
@@ -73,6 +80,8 @@ class KerasRunner:
             for n, t in zip(self._names, _input_tensors(model), strict=True)
         ]
         self._outputs = output_names(model)
+        # mixed precision: float32 outputs of float16 layers (see bnfuse.validate)
+        self.compute_dtype = _coarsest_compute_dtype(model)
 
     @property
     def inputs(self) -> Sequence[InputSpec]:

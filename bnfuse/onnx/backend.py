@@ -95,6 +95,8 @@ class OrtRunner:
             for i in self.session.get_inputs()
         ]
         self._outputs = [o.name for o in self.session.get_outputs()]
+        # float16 weights between float32 inputs and outputs (see bnfuse.validate)
+        self.compute_dtype = _compute_dtype(_wrap(model).proto.graph)
 
     @property
     def inputs(self) -> Sequence[InputSpec]:
@@ -106,6 +108,26 @@ class OrtRunner:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.session.run(None, dict(feeds)))
+
+
+def _compute_dtype(graph: onnx.GraphProto) -> str | None:
+    """The coarsest float type among the graph's initializers, Constants and Cast targets."""
+    from bnfuse.validate import coarsest_float
+
+    types = {t.data_type for t in graph.initializer}
+    for node in graph.node:
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to":
+                types.add(a.i)
+            elif node.op_type == "Constant" and a.name == "value":
+                types.add(a.t.data_type)
+    names = []
+    for t in types:
+        try:
+            names.append(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).name)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return coarsest_float(names)
 
 
 def _dim(d: Any) -> int | str | None:
