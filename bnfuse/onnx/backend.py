@@ -96,7 +96,7 @@ class OrtRunner:
         ]
         self._outputs = [o.name for o in self.session.get_outputs()]
         # float16 weights between float32 inputs and outputs (see bnfuse.validate)
-        self.compute_dtype = _compute_dtype(_wrap(model).proto.graph)
+        self.compute_dtype = _compute_dtype(wrap(model).proto.graph)
 
     @property
     def inputs(self) -> Sequence[InputSpec]:
