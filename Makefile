@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint fmt bench bench-quick samples clean browser
+.PHONY: demo test lint fmt bench bench-quick sweep samples clean browser
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11)"; exit 2; }
@@ -50,6 +50,10 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick
 	$(PY) benchmarks/keras2.py --quick
+
+## Real architectures and exporter shapes through the whole CLI (~13 min; see benchmarks/README.md).
+sweep: $(STAMP)
+	$(PY) benchmarks/sweep.py
 
 ## Retrain and re-export the sample models (fixed seed).
 samples: $(STAMP)
