@@ -55,7 +55,10 @@ def _to_numpy_of(model: Any) -> Any:
 def _coarsest_compute_dtype(model: Any) -> str | None:
     from bnfuse.validate import coarsest_float
 
-    layers = model._flatten_layers(include_self=False)
+    try:  # Keras 3 and tf_keras both have it; a model without it is judged by its outputs
+        layers = list(model._flatten_layers(include_self=False))
+    except (AttributeError, TypeError):
+        return None
     return coarsest_float(str(getattr(layer, "compute_dtype", None)) for layer in layers)
 
 
