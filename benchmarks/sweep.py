@@ -95,25 +95,22 @@ def _randomize(model: Any, seed: int) -> None:
     randomize(model, seed=seed, gentle=True)
 
 
-def _k3_app(cls: str, size: int, **kw: Any) -> Callable[[], Any]:
+def _fresh(module: str) -> Any:
+    """The Keras module ``keras`` or ``tf_keras``, with a cleared session and seed 0, so
+    every case builds the same model whatever ran before it."""
+    import importlib
+
+    k = importlib.import_module(module)
+    k.backend.clear_session()
+    k.utils.set_random_seed(0)
+    return k
+
+
+def _app(module: str, cls: str, size: int, **kw: Any) -> Callable[[], Any]:
+    """A keras.applications builder of ``module`` (``keras`` or ``tf_keras``)."""
+
     def make() -> Any:
-        import keras
-
-        keras.backend.clear_session()
-        keras.utils.set_random_seed(0)
-        fn = getattr(keras.applications, cls)
-        return fn(weights=None, input_shape=(size, size, 3), classes=10, **kw)
-
-    return make
-
-
-def _k2_app(cls: str, size: int, **kw: Any) -> Callable[[], Any]:
-    def make() -> Any:
-        import tf_keras
-
-        tf_keras.backend.clear_session()
-        tf_keras.utils.set_random_seed(0)
-        fn = getattr(tf_keras.applications, cls)
+        fn = getattr(_fresh(module).applications, cls)
         return fn(weights=None, input_shape=(size, size, 3), classes=10, **kw)
 
     return make
@@ -121,11 +118,9 @@ def _k2_app(cls: str, size: int, **kw: Any) -> Callable[[], Any]:
 
 def _k3_mixed() -> Any:
     """A mixed_float16 model: float16 layers, a float32 output layer."""
-    import keras
-    from keras import layers as L
+    keras = _fresh("keras")
+    L = keras.layers
 
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         x = keras.Input((32, 32, 3))
@@ -138,11 +133,9 @@ def _k3_mixed() -> Any:
 
 
 def _k2_mixed() -> Any:
-    import tf_keras
-    from tf_keras import layers as L
+    tf_keras = _fresh("tf_keras")
+    L = tf_keras.layers
 
-    tf_keras.backend.clear_session()
-    tf_keras.utils.set_random_seed(0)
     tf_keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         x = tf_keras.Input((32, 32, 3))
@@ -156,11 +149,9 @@ def _k2_mixed() -> Any:
 def _k3_transfer() -> Any:
     """Transfer learning: a keras.applications base model nested as one layer of a
     Sequential, preprocessing before it, BN + Dense head after."""
-    import keras
-    from keras import layers as L
+    keras = _fresh("keras")
+    L = keras.layers
 
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
     base = keras.applications.MobileNetV2(
         weights=None, include_top=False, input_shape=(64, 64, 3), pooling="avg"
     )
@@ -177,11 +168,9 @@ def _k3_transfer() -> Any:
 
 def _k3_siamese_sync() -> Any:
     """A shared encoder (one submodel called twice) and a synchronized BN."""
-    import keras
-    from keras import layers as L
+    keras = _fresh("keras")
+    L = keras.layers
 
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(0)
     enc = keras.Sequential([keras.Input((8,)), L.Dense(6), L.BatchNormalization()], name="enc")
     a, b = keras.Input((8,)), keras.Input((8,))
     h = L.Concatenate()([enc(a), enc(b)])
@@ -382,28 +371,32 @@ def cases() -> list[Case]:
 
     for name, cls, size in K3:
         n = f"k3-{name}"
-        add(n, "keras3 .keras", keras3_case(n, _k3_app(cls, size), "ConvNeXt" not in name))
+        add(n, "keras3 .keras", keras3_case(n, _app("keras", cls, size), "ConvNeXt" not in name))
     for name, make in KERAS3_EXTRA.items():
         add(f"k3-{name}", "keras3 .keras/.h5 extra", keras3_extra_case(f"k3-{name}", make))
     for name, cls, size in K2:
         fmts = ("h5", "savedmodel", "keras") if name in K2_OTHER_FORMATS else ("h5",)
         for fmt in fmts:
             n = f"k2-{name}-{fmt}"
-            build = tfkeras_case(n, _k2_app(cls, size), fmt, "ConvNeXt" not in name)
+            build = tfkeras_case(n, _app("tf_keras", cls, size), fmt, "ConvNeXt" not in name)
             add(n, f"tf_keras {fmt}", build)
     add("k2-mixed_float16-h5", "tf_keras h5", tfkeras_case("k2-mixed_float16-h5", _k2_mixed, "h5"))
     for name, opset in TF2ONNX:
         n = f"tf2onnx-{name}-op{opset}"
-        add(n, "tf2onnx from_keras", tf2onnx_case(n, _k2_app(*_spec(name)), opset, "from_keras"))
+        add(
+            n,
+            "tf2onnx from_keras",
+            tf2onnx_case(n, _app("tf_keras", *_spec(name)), opset, "from_keras"),
+        )
     n = "tf2onnx-fn-MobileNet"
     add(
         n,
         "tf2onnx from_function",
-        tf2onnx_case(n, _k2_app(*_spec("MobileNet")), 13, "from_function"),
+        tf2onnx_case(n, _app("tf_keras", *_spec("MobileNet")), 13, "from_function"),
     )
     for name in K3_ONNX:
         n = f"k3onnx-{name}"
-        add(n, "keras3 export onnx", keras3_onnx_case(n, _k3_app(*_spec(name))))
+        add(n, "keras3 export onnx", keras3_onnx_case(n, _app("keras", *_spec(name))))
     for name, hand in HAND_BUILT.items():
         add(f"onnx-{name}", "hand-built onnx", hand_case(f"onnx-{name}", hand), True)
     return out
